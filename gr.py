@@ -1,0 +1,100 @@
+"""Finite-difference gradient regularization (GR) for policy-gradient updates.
+
+Paper §2.3 eq. 4-5, §5, App. C.1 and Fig. 9. With g(φ) = ∇L(φ):
+
+    g1 = clip(g(φ), 10)                     gradient of the batch loss
+    g2 = clip(g(φ + ε·g1), 10)              same sampled actions, same advantages; only the
+                                            transformer blocks are perturbed
+    grad = g1 + (γ/ε)(g2 − g1)              ≈ g + γ·H g = ∇[L + (γ/2)‖∇L‖²]   (blocks)
+    grad = g1                               (embedding, output head, final norm)
+
+then the caller clips grad to 1.0 and takes the optimizer step. Eq. 5 writes the penalty as
+(γ/2)·Δ with Δ from eq. 4; Fig. 9, which we follow, folds the 1/2 into γ, so γ here is the
+paper's γ in every table. Works unchanged on FSDP2 (`fully_shard`) models: norms are global
+(DTensor reductions), perturbation and restore act in place on each rank's local shards.
+
+Precision note: ε·g1 is tiny (ε = 1e-3, ‖g1‖ ≤ 10 spread over all weights). Keep master weights
+in fp32; if the forward runs in bf16 most of the perturbation is rounded away.
+"""
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated decoder blocks, found by the HF `_no_split_modules` class names.
+
+    Covers `model.layers` (Qwen2, Llama), `gpt_neox.layers` (Pythia), `transformer.h` (GPT-2).
+    Checks the MRO so it still finds them after `fully_shard` renames the classes.
+    """
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__}: no transformer blocks found via _no_split_modules={names}")
+    return blocks
+
+
+def block_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters perturbed by GR: attention, MLP and norms inside the blocks; never embedding or head."""
+    return [p for block in transformer_blocks(model) for p in block.parameters() if p.requires_grad]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor (a view: in-place ops reach the parameter)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def clip_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale `grads` in place to global L2 norm ≤ max_norm (over all ranks); return the pre-clip norm."""
+    norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(norm, DTensor):  # partial per-rank norms -> all-reduced global norm
+        norm = norm.full_tensor()
+    torch._foreach_mul_([_local(g) for g in grads], torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    return norm
+
+
+def gr_backward(model: nn.Module, closure, *, gamma: float, eps: float,
+                g1_clip: float = 10.0, g2_clip: float = 10.0, perturbed: list[nn.Parameter] | None = None) -> dict:
+    """Leave the GR gradient in `.grad` of every trainable parameter of `model`.
+
+    `closure()` runs forward + backward over all micro-batches of the step (accumulating into
+    `.grad`) and returns the loss; it is called twice, on the same data. `perturbed` defaults to
+    `block_parameters(model)`. Returns the loss at φ and the pre-clip norms of g1 and g2.
+    """
+    if eps <= 0:
+        raise ValueError(f"GR needs eps > 0, got {eps}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    perturbed = block_parameters(model) if perturbed is None else perturbed
+    in_block = {id(p) for p in perturbed}
+    is_block = [id(p) in in_block for p in params]
+
+    # g1 = ∇L(φ), clipped
+    for p in params:
+        p.grad = None
+    loss = closure()
+    g1 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    g1_norm = clip_(g1, g1_clip)
+
+    # φ' = φ + ε·g1 on the block parameters; keep an exact copy of φ to restore from
+    phi = [_local(p.detach()) for p in perturbed]
+    phi_saved = [t.clone() for t in phi]
+    g1_block = [_local(g) for g, b in zip(g1, is_block) if b]
+    torch._foreach_add_(phi, g1_block, alpha=eps)
+
+    # g2 = ∇L(φ') on the same actions, clipped
+    for p in params:
+        p.grad = None
+    closure()
+    g2 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    g2_norm = clip_(g2, g2_clip)
+    torch._foreach_copy_(phi, phi_saved)
+
+    # grad = g1 + (γ/ε)(g2 − g1) on the blocks, g1 elsewhere (built in g1's buffers)
+    g2_block = [_local(g) for g, b in zip(g2, is_block) if b]
+    torch._foreach_sub_(g2_block, g1_block)
+    torch._foreach_add_(g1_block, g2_block, alpha=gamma / eps)
+    for p, g in zip(params, g1):
+        p.grad = g
+    g1_norm, g2_norm = torch.stack([g1_norm, g2_norm]).tolist()
+    return {"loss": loss.detach(), "g1_norm": g1_norm, "g2_norm": g2_norm}

@@ -1,0 +1,188 @@
+"""grpo.py math against naive per-sequence references."""
+
+import pytest
+import torch
+
+import grpo
+from tiny import VOCAB, rollout_batch, tiny_model
+
+
+def test_group_advantages_naive():
+    rewards = torch.tensor([1.0, 0.0, 2.0, 5.0, 5.0, 5.0, -1.0, 3.0])  # two groups of 4
+    expected = []
+    for g in range(2):
+        group = rewards[4 * g:4 * g + 4].tolist()
+        mean = sum(group) / 4
+        expected += [r - mean for r in group]  # no division by the std
+    assert grpo.group_advantages(rewards[:8], 4).tolist() == pytest.approx(expected)
+    assert grpo.group_advantages(torch.tensor([5.0, 5.0, 5.0]), 3).abs().sum() == 0  # equal rewards: no signal
+
+
+def test_dr_grpo_loss_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    N, T = 5, 6
+    logp = -torch.rand(N, T, generator=g)
+    ref = -torch.rand(N, T, generator=g)
+    adv = torch.randn(N, generator=g)
+    mask = torch.ones(N, T)
+    mask[1, 3:] = 0
+    mask[4, 1:] = 0
+    beta, normalizer = 0.1, N * T  # constant: sequences × max completion length
+    naive = 0.0
+    for i in range(N):
+        for t in range(T):
+            if mask[i, t]:
+                d = (ref[i, t] - logp[i, t]).item()
+                naive += -adv[i].item() + beta * (torch.exp(torch.tensor(d)).item() - d - 1)
+    loss = grpo.dr_grpo_loss(logp, adv, mask, normalizer, ref, beta, "k3")
+    assert loss.item() == pytest.approx(naive / normalizer, rel=1e-6)
+
+
+def test_dr_grpo_gradient_is_reinforce():
+    logp = torch.randn(3, 4, requires_grad=True)
+    adv, mask = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]).float()
+    grpo.dr_grpo_loss(logp, adv, mask, normalizer=12).backward()
+    torch.testing.assert_close(logp.grad, -adv[:, None] * mask / 12)
+
+
+def test_kl_estimators():
+    p = torch.log_softmax(torch.randn(4, 10), -1)
+    q = torch.log_softmax(torch.randn(4, 10), -1)
+    assert (grpo.kl_per_token(p, q, "k3") >= 0).all()
+    assert grpo.kl_per_token(p, p, "k3").abs().max() == 0
+    assert grpo.kl_per_token(p, p, "k1").abs().max() == 0
+    torch.testing.assert_close(grpo.kl_per_token(p, q, "k1"), p - q)
+    # k3 is unbiased for KL(π‖π_ref) when the tokens are sampled from π
+    probs = p[0].exp()
+    exact = (probs * (p[0] - q[0])).sum()
+    k3_mean = (probs * grpo.kl_per_token(p[0], q[0], "k3")).sum()
+    torch.testing.assert_close(k3_mean, exact)
+    with pytest.raises(ValueError):
+        grpo.kl_per_token(p, q, "k2")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt_neox"])
+def test_token_logprobs_match_unpadded_forward(arch):
+    model = tiny_model(arch)
+    batch = rollout_batch()
+    T = batch["completion_mask"].shape[1]
+    logp, entropy = grpo.token_logprobs(model, batch["input_ids"], batch["attention_mask"], T, 0.7, with_entropy=True)
+    for i in range(batch["input_ids"].shape[0]):
+        keep = batch["attention_mask"][i].bool()
+        ids = batch["input_ids"][i][keep][None]  # the sequence alone: no padding at all
+        logits = model(ids).logits[0].float() / 0.7
+        n = int(batch["completion_mask"][i].sum())
+        lp = torch.log_softmax(logits[-n - 1:-1], -1)
+        ref = lp.gather(-1, ids[0, -n:, None]).squeeze(-1)
+        torch.testing.assert_close(logp[i, :n], ref, rtol=1e-4, atol=1e-5)
+        ent = -(lp.exp() * lp).sum(-1)
+        torch.testing.assert_close(entropy[i, :n], ent, rtol=1e-4, atol=1e-5)
+
+
+def naive_greedy(model, prompt, n, eos):
+    ids = prompt[None]
+    for _ in range(n):
+        nxt = model(ids).logits[0, -1].argmax()
+        ids = torch.cat([ids, nxt.view(1, 1)], 1)
+        if nxt.item() == eos:
+            break
+    return ids[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt_neox"])
+def test_greedy_generation_matches_naive_loop(arch):
+    model = tiny_model(arch)
+    batch = rollout_batch(n=4, prompt_len=5, completion_len=1, group=2)
+    prompt_ids, prompt_mask = batch["input_ids"][:, :5], batch["attention_mask"][:, :5]
+    # make the token greedy decoding emits third for row 0 the EOS, so rows stop at different lengths
+    completion, mask = grpo.generate(model, prompt_ids, prompt_mask, max_new_tokens=8, eos_token_ids=[VOCAB - 1],
+                                     pad_token_id=0, temperature=0)
+    eos = completion[0, 2].item()
+    completion, mask = grpo.generate(model, prompt_ids, prompt_mask, max_new_tokens=8, eos_token_ids=[eos],
+                                     pad_token_id=0, temperature=0)
+    for i in range(4):
+        ref = naive_greedy(model, prompt_ids[i][prompt_mask[i].bool()], 8, eos)
+        n = int(mask[i].sum())
+        assert completion[i, :n].tolist() == ref
+        assert (completion[i, n:] == 0).all()  # padded after EOS
+    assert mask[0].sum() <= 3 and completion[0, int(mask[0].sum()) - 1] == eos
+
+
+def test_completion_mask_and_has_eos():
+    completion = torch.tensor([[5, 9, 3, 9, 4], [5, 6, 7, 8, 4], [9, 0, 0, 0, 0]])
+    eos = torch.tensor([9])
+    assert grpo.completion_mask(completion, eos).tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert grpo.has_eos(completion, [9]).tolist() == [True, False, True]
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0]]).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    top1 = grpo.sample_token(logits, 1.0, top_k=1, generator=gen)
+    assert (top1 == 0).all()
+    top2 = grpo.sample_token(logits, 1.0, top_k=2, generator=gen)
+    assert set(top2.tolist()) == {0, 1}
+    # softmax([4,3,0,-1]) = [.72,.26,.013,.005]: top_p 0.5 keeps token 0 only, 0.9 keeps 0 and 1
+    assert (grpo.sample_token(logits, 1.0, top_p=0.5, generator=gen) == 0).all()
+    assert set(grpo.sample_token(logits, 1.0, top_p=0.9, generator=gen).tolist()) == {0, 1}
+    freq = (grpo.sample_token(logits, 1.0, generator=gen) == 0).float().mean()
+    assert abs(freq - 0.72) < 0.05
+
+
+def _train_batch(model, reg):
+    batch = rollout_batch()
+    if reg in ("kl", "reset"):
+        T = batch["completion_mask"].shape[1]
+        batch["ref_logp"] = grpo.reference_logprobs(model, batch, 0.7, 4) - 0.1 * torch.rand(6, T)
+    return batch
+
+
+@pytest.mark.parametrize("reg", grpo.REGS)
+def test_train_step_changes_params_and_reports(reg):
+    model = tiny_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    batch = _train_batch(model, reg)
+    metrics = grpo.train_step(model, opt, batch, reg=reg, temperature=0.7, normalizer=6 * 7, micro_batch_size=4,
+                              beta=0.1, gamma=1e-3, eps=1e-3)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert {"loss", "grad_norm", "g1_norm", "entropy"} <= metrics.keys()
+    assert ("g2_norm" in metrics) == (reg == "gr")
+    assert ("kl" in metrics) == (reg in ("kl", "reset"))
+    assert metrics["kl"] > 0 if "kl" in metrics else True
+
+
+def test_non_finite_loss_stops_with_step_number():
+    model = tiny_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batch = rollout_batch()
+    batch["advantages"][0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="step 17"):
+        grpo.train_step(model, opt, batch, reg="none", temperature=1.0, normalizer=42, micro_batch_size=6, step=17)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # no update applied
+
+
+def test_reset_reference_copies_policy():
+    policy, ref = tiny_model(seed=0), tiny_model(seed=1)
+    grpo.reset_reference(ref, policy)
+    assert all(torch.equal(a, b) for a, b in zip(policy.parameters(), ref.parameters()))
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, "[UNK]")))
+    model = tiny_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    grpo.train_step(model, opt, rollout_batch(), reg="none", temperature=1.0, normalizer=42, micro_batch_size=6)
+    for step in (3, 5):
+        ckpt = grpo.save_checkpoint(tmp_path, step, model, opt, tok)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-000005"]  # older removed, no temp dir left
+    assert grpo.latest_checkpoint(tmp_path) == ckpt
+    loaded = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    opt2 = torch.optim.Adam(loaded.parameters(), lr=1e-3)
+    assert grpo.load_trainer_state(ckpt, loaded, opt2) == 5
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)

@@ -1,0 +1,88 @@
+"""Tiny randomly-initialised HF models of real architectures, built from configs (no hub)."""
+
+import types
+
+import torch
+from transformers import (AttentionInterface, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                          LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+VOCAB = 48
+
+
+def exact_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """HF's eager attention without its float32 softmax, so float64 models are float64 throughout."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = query @ key.transpose(2, 3) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros_like(scores).masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        scores = scores + attention_mask
+    weights = scores.softmax(-1)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
+AttentionInterface.register("exact", exact_attention)
+
+
+def exact_rms_norm(self, x):
+    """Qwen2/Llama RMSNorm without the round trip through float32."""
+    return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+def tiny_model(arch: str = "qwen2", *, tie: bool = False, dtype=torch.float32, seed: int = 0, layers: int = 2,
+               exact: bool = False):
+    """exact=True: no float32 islands inside a float64 model (for finite-difference tests)."""
+    torch.manual_seed(seed)
+    attn = "exact" if exact else "sdpa"
+    common = dict(vocab_size=VOCAB, tie_word_embeddings=tie, attn_implementation=attn, bos_token_id=2,
+                  eos_token_id=1, pad_token_id=0)
+    if arch == "qwen2":
+        cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=128, **common)
+        model = Qwen2ForCausalLM(cfg)
+    elif arch == "llama":
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=128, **common)
+        model = LlamaForCausalLM(cfg)
+    elif arch == "gpt_neox":
+        cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                            max_position_embeddings=128, **common)
+        model = GPTNeoXForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=128, **common)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(arch)
+    # random init is tiny (std 0.02): scale up so the loss surface has real curvature
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    if exact:
+        for m in model.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.forward = types.MethodType(exact_rms_norm, m)
+    return model.to(dtype).eval()
+
+
+def rollout_batch(n: int = 6, prompt_len: int = 5, completion_len: int = 7, group: int = 3, seed: int = 1,
+                  left_pad: bool = True, device="cpu"):
+    """A fixed batch as the trainer builds it: left-padded prompts, right-padded completions, advantages."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(1, VOCAB, (n, prompt_len), generator=g)
+    prompt_mask = torch.ones(n, prompt_len, dtype=torch.long)
+    for i in range(n if left_pad else 0):  # uneven left padding
+        prompt_mask[i, : i % 3] = 0
+        prompt[i, : i % 3] = 0
+    completion = torch.randint(1, VOCAB, (n, completion_len), generator=g)
+    completion_mask = torch.ones(n, completion_len, dtype=torch.long)
+    for i in range(n):  # uneven completion lengths
+        completion_mask[i, completion_len - (i % 4):] = 0
+    completion = completion * completion_mask
+    rewards = torch.rand(n, generator=g)
+    adv = rewards.view(-1, group) - rewards.view(-1, group).mean(1, keepdim=True)
+    return {"input_ids": torch.cat([prompt, completion], 1).to(device),
+            "attention_mask": torch.cat([prompt_mask, completion_mask], 1).to(device),
+            "completion_mask": completion_mask.to(device),
+            "advantages": adv.view(-1).to(device)}
