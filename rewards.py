@@ -3,7 +3,7 @@
 Reward hacking happens against exactly these functions, so they follow the paper's text; where the authors'
 released code (Will Brown's GRPO GSM8K rewards, Open-R1's reasoning-steps reward) has a quirk that the text
 does not describe, the docstring of the term says what we do instead and why.
-Everything here is a pure function of its inputs; no training code.
+Everything here is a function of its inputs (the judge also of the sampling RNG); no training code.
 """
 
 import multiprocessing
@@ -34,7 +34,9 @@ def render_chat(tokenizer, messages: list[dict]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # GSM8K (§5.2, App. C.4): one-shot prompt, five rule-based terms, maximum 5.0
 
-GSM8K_FORMAT_INSTRUCTION = "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
+GSM8K_FORMAT_INSTRUCTION = (
+    "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
+)
 XML_COT_FORMAT = "<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{answer}\n</answer>\n"
 # The authors' one-shot example, verbatim (including the typo "divisble").
 GSM8K_ONE_SHOT_QUESTION = "What is the largest single-digit prime number?"
@@ -86,8 +88,8 @@ _INTEGER = re.compile(r"-?[0-9]+")
 
 
 def xml_count_reward(completion: str) -> float:
-    """+0.125 for each of `<reasoning>\\n`, `\\n</reasoning>\\n`, `\\n<answer>\\n`, `\\n</answer>` occurring exactly
-    once; with the last tag, -0.001 per character after it beyond the first (a trailing newline is free).
+    """+0.125 for each of `<reasoning>\\n`, `\\n</reasoning>\\n`, `\\n<answer>\\n`, `\\n</answer>` occurring
+    exactly once; with the last tag, -0.001 per character after it beyond the first (a trailing newline is free).
 
     Computed on the raw (unstripped) completion, as the authors do. Differences from their code: the penalty is
     max(0, len - 1) (theirs paid +0.001 when nothing followed the tag), and their second penalty inside the
@@ -112,9 +114,10 @@ def gsm8k_rewards(completion: str, gold: str) -> dict[str, float]:
     int_format 0.5: the extracted answer is an integer, `-?[0-9]+` in ASCII. The paper says "integer"; the
     authors' `str.isdigit()` rejected the negative gold answers of GSM8K (2 of 1319 test answers) and accepted
     non-ASCII digits such as "²".
-    strict_format 1.0: the stripped completion is exactly `<reasoning>\\n…\\n</reasoning>\\n<answer>\\n…\\n</answer>`
-    ("exactly followed including whitespace", App. C.4; the `\\n` before `</answer>` is required as in the
-    prompt's skeleton and the authors' regex). Nothing may follow `</answer>` except whitespace.
+    strict_format 1.0: the stripped completion is exactly
+    `<reasoning>\\n…\\n</reasoning>\\n<answer>\\n…\\n</answer>`, "exactly followed including whitespace"
+    (App. C.4). The `\\n` before `</answer>` is required, as in the prompt's skeleton and the authors' regex
+    (SPEC's rendering omits it). Nothing may follow `</answer>`.
     soft_format 1.0: the stripped completion is `<reasoning>…</reasoning>`, whitespace, `<answer>…</answer>`,
     nothing before or after (the authors' `re.match` ignored text after `</answer>`).
     Duplicated blocks still pass both format regexes (as in the authors' code); xml_count penalises them.
@@ -148,7 +151,7 @@ def math_messages(problem: str, system_prompt: str | None = QWEN_SYSTEM_PROMPT) 
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{…}` / `\\boxed {…}` / `\\fbox{…}` with balanced braces; None if absent or unclosed.
+    """Content of the last `\\boxed{…}` / `\\boxed {…}` / `\\fbox{…}`, braces balanced; None if absent or unclosed.
 
     Escaped braces (`\\{`, `\\}`) inside are content, not nesting.
     """
@@ -191,9 +194,9 @@ def reasoning_steps_reward(completion: str) -> float:
     """1/3 per reasoning marker, capped at 1.0 (three markers): `Step N:`, numbered-list items (`1. `) and
     bullets (`- `, `* `) at the start of any line, and `First,` `Second,` `Next,` `Finally,` anywhere.
 
-    Open-R1's pattern `(Step \\d+:|^\\d+\\.|\\n-|\\n\\*|First,|…)` has no MULTILINE, so a numbered list only counted
-    when the completion started with "1."; the paper says "numbered lists", so we count items at every line
-    start. Bullets follow SPEC (`- ` / `* ` at a line start, which also counts a bullet on the first line);
+    Open-R1's pattern `(Step \\d+:|^\\d+\\.|\\n-|\\n\\*|First,|…)` has no MULTILINE, so a numbered list only
+    counted when the completion started with "1."; the paper says "numbered lists", so we count items at every
+    line start. Bullets follow SPEC (`- ` / `* ` at a line start, which also counts a bullet on the first line);
     Open-R1's `\\n-` also counted lines like "-5" or "---". Indented items are not counted.
     """
     return min(1.0, len(_REASONING_STEP.findall(completion)) / 3)
@@ -296,7 +299,8 @@ JUDGE_ONE_SHOT_PROBLEM = (
     "How many clips did Natalia sell altogether in April and May?"
 )
 JUDGE_ONE_SHOT_COMPLETION = XML_COT_FORMAT.format(
-    reasoning="In May Natalia sold half of 48, which is 48 / 2 = 24 clips. Altogether she sold 48 + 24 = 72 clips.",
+    reasoning="In May Natalia sold half of 48, which is 48 / 2 = 24 clips. "
+    "Altogether she sold 48 + 24 = 72 clips.",
     answer="72",
 )
 JUDGE_ONE_SHOT_SOLUTION = (
@@ -305,7 +309,8 @@ JUDGE_ONE_SHOT_SOLUTION = (
 )
 JUDGE_ONE_SHOT_REPLY = (
     "<judgement>\nThe model correctly finds 24 clips sold in May and the total of 72, matching the correct "
-    "solution.\n</judgement>\n<correctness_score>\n5\n</correctness_score>\n<coherence_score>\n5\n</coherence_score>"
+    "solution.\n</judgement>\n<correctness_score>\n5\n</correctness_score>\n"
+    "<coherence_score>\n5\n</coherence_score>"
 )
 _CORRECTNESS_SCORE = re.compile(r"<correctness_score>(.*?)</correctness_score>", re.DOTALL)
 
@@ -330,7 +335,7 @@ def judge_messages(problem: str, completion: str, solution: str) -> list[dict]:
 
 
 def parse_judge_score(text: str) -> int | None:
-    """The integer 1-5 inside the first `<correctness_score>…</correctness_score>`, surrounding whitespace allowed.
+    """The integer 1-5 in the first `<correctness_score>…</correctness_score>`, surrounding whitespace allowed.
 
     None when the tag pair is missing (e.g. cut off at the token limit), empty, not a plain integer ("4.5",
     "5/5", "five") or out of range.
@@ -357,7 +362,7 @@ def judge_rewards(
     top_k: int = 20,
     failure_reward: float = -2.0,
 ) -> tuple[torch.Tensor, int]:
-    """Judge correctness reward 2·(s−1)/4 ∈ [0, 2] per completion, `failure_reward` where the score is unparsable.
+    """Judge correctness reward 2·(s−1)/4 ∈ [0, 2] per completion; `failure_reward` where the score is unparsable.
 
     Returns (rewards (N,) float32 on CPU, number of parse failures). Sampled with SPEC's settings; other
     generation settings come from the judge's generation_config. Prompts are left-padded so all replies start
@@ -435,7 +440,8 @@ def rm_scores_from_ids(
     has_eos = torch.as_tensor(has_eos, dtype=torch.bool, device=device)
     scores = torch.full((input_ids.shape[0],), eos_penalty, dtype=torch.float32, device=device)
     rows = has_eos.nonzero().squeeze(1)
-    for chunk in rows.split(batch_size):
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
         ids = input_ids[chunk.to(input_ids.device)].to(device)
         mask = attention_mask[chunk.to(attention_mask.device)].to(device)
         real = mask.bool().any(0)  # drop columns that are padding in every row of this chunk

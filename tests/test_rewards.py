@@ -15,7 +15,6 @@ from transformers import (AutoModelForSequenceClassification, GPTNeoXConfig, GPT
                           LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast, Qwen2Config,
                           Qwen2ForCausalLM, Qwen2ForSequenceClassification)
 
-import rewards
 from rewards import (GSM8K_FORMAT_INSTRUCTION, GSM8K_REWARD_KEYS, JUDGE_INSTRUCTION, JUDGE_ONE_SHOT_REPLY,
                      MATH_INSTRUCTION, QWEN_SYSTEM_PROMPT, XML_COT_FORMAT, bradley_terry_loss, extract_xml_answer,
                      gsm8k_gold, gsm8k_messages, gsm8k_rewards, judge_messages, judge_rewards, last_boxed,
@@ -27,7 +26,8 @@ DATA = Path(__file__).parent / "data"
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """One token per character, <pad>=0, <eos>=1, <unk>=2; no chat template."""
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + sorted(set(string.printable) | set("’—é€")))}
+    chars = sorted(set(string.printable) | set("’—é€"))
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + chars)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -175,7 +175,7 @@ GSM8K_CASES = {
         correctness=2.0, int_format=0.5, strict_format=1.0, soft_format=1.0, xml_count=0.5)),
     "empty_answer": (perfect(R, ""), "18", dict(
         correctness=0.0, int_format=0.0, strict_format=1.0, soft_format=1.0, xml_count=0.5)),
-    "non_ascii_reasoning": (perfect("Janet’s ducks — 16 − 3 − 4 = 9 eggs, 9 × 2 € = 18 €. 鸭", "18"), "18", dict(
+    "non_ascii_reasoning": (perfect("Janet’s ducks — 16 − 3 − 4 = 9, 9 × 2 € = 18 €. 鸭", "18"), "18", dict(
         correctness=2.0, int_format=0.5, strict_format=1.0, soft_format=1.0, xml_count=0.5)),
     # authors' isdigit() is True for these
     "non_ascii_digits": (perfect(R, "١٨"), "18", dict(
@@ -348,10 +348,12 @@ def test_judge_messages_contain_instruction_shot_and_query():
     assert JUDGE_INSTRUCTION.startswith("Judge the correctness of the answer and reasoning for the given problem.")
     assert ("Give a one sentence judgement on the `model_answer`, then you will give scores from 1 to 5 for "
             "correctness and for coherence of the reasoning trace.") in JUDGE_INSTRUCTION
-    assert parse_judge_score(messages[2]["content"]) == 5  # the shot is a correct example
+    assert messages[2]["content"] == JUDGE_ONE_SHOT_REPLY
+    assert parse_judge_score(JUDGE_ONE_SHOT_REPLY) == 5  # the shot is a correct example
     assert messages[3]["content"] == (
-        "<problem>\nHow many?\n</problem>\n<model_answer>\n<reasoning>\n2+2\n</reasoning>\n<answer>\n4\n</answer>\n"
-        "</model_answer>\n<correct_solution>\n#### 4\n</correct_solution>")
+        "<problem>\nHow many?\n</problem>\n"
+        "<model_answer>\n<reasoning>\n2+2\n</reasoning>\n<answer>\n4\n</answer>\n</model_answer>\n"
+        "<correct_solution>\n#### 4\n</correct_solution>")
     assert messages[1]["content"].startswith("<problem>\nNatalia sold clips")
 
 
