@@ -11,12 +11,14 @@ T = completion length (right-padded), V = vocabulary.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,19 +36,29 @@ REGS = ("none", "kl", "reset", "gr")
 
 # ----------------------------------------------------------------------------- config / setup
 
-def parse_config(cls, argv=None):
-    """Dataclass -> argparse: one `--flag-name` per field, help text from `field(metadata={"help": ...})`."""
+def parse_config(cls, argv=None, presets: dict[str, dict] | None = None):
+    """Dataclass -> argparse: one `--flag-name` per field, help text from `field(metadata={"help": ...})`.
+
+    `--preset NAME` first applies a named set of defaults (e.g. the offline toy); explicit flags win.
+    """
     parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), help="named defaults; explicit flags override them")
     for f in dataclasses.fields(cls):
         flag, default, help_ = "--" + f.name.replace("_", "-"), f.default, f.metadata.get("help", "")
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=kind, default=default, help=help_,
-                                choices=f.metadata.get("choices"))
-    return cls(**vars(parser.parse_args(argv)))
+            kind = f.metadata.get("type") or {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(flag, type=kind, default=default, help=help_, choices=f.metadata.get("choices"))
+    if presets:
+        known, _ = parser.parse_known_args(argv)
+        if known.preset:
+            parser.set_defaults(**presets[known.preset])
+    args = vars(parser.parse_args(argv))
+    args.pop("preset", None)
+    return cls(**args)
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -393,3 +405,293 @@ class Timer:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.times[f"time/{self._name}"] = time.perf_counter() - self._t0
+
+
+# ----------------------------------------------------------------------------- models, tokenizers, data
+
+def fail(message: str):
+    """Bad input: one line on stderr, exit status 1, before any real work."""
+    raise SystemExit(f"error: {message}")
+
+
+def check_model_path(name_or_path: str, what: str = "--model") -> None:
+    """A local path must exist; anything else is treated as a hub id (`org/name`)."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
+    if (looks_local or name_or_path.count("/") != 1) and not Path(name_or_path).expanduser().exists():
+        fail(f"{what} {name_or_path!r}: no such directory (and not a hub id of the form org/name)")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    config = Path(name_or_path) / "tokenizer_config.json"
+    generic = config.exists() and json.loads(config.read_text()).get("tokenizer_class") in (
+        "TokenizersBackend", "PreTrainedTokenizerFast")
+    try:  # AutoTokenizer would swap a generic tokenizer (our toys') for the model type's class
+        tok = (PreTrainedTokenizerFast if generic else AutoTokenizer).from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        fail(f"cannot load tokenizer {name_or_path!r} (offline? wrong id?): {str(e).splitlines()[0]}")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # prompts are left-padded so completions start at the same column
+    return tok
+
+
+def load_model(name_or_path, device, *, dtype=torch.float32, trust_remote_code: bool = False,
+               grad_checkpointing: bool = False, cls=None):
+    """A HF causal LM (or `cls`, e.g. AutoModelForSequenceClassification) in eval mode (no dropout in RL)."""
+    from transformers import AutoModelForCausalLM
+    cls = cls or AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        fail(f"cannot load model {str(name_or_path)!r} (offline? wrong id?): {str(e).splitlines()[0]}")
+    if grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(device).eval()
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """The tokenizer's EOS plus the generation config's (Qwen-Instruct ends turns with <|im_end|>)."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids |= set(extra if isinstance(extra, list) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
+def load_rows(dataset: str, split: str, fields: tuple[str, ...], config: str | None = None) -> list[dict]:
+    """Rows of a local json/jsonl/parquet/csv file or a hub dataset split, checked for `fields`."""
+    import datasets
+    path = Path(dataset).expanduser()
+    try:
+        if path.suffix in (".json", ".jsonl", ".parquet", ".csv"):
+            if not path.exists():
+                fail(f"dataset file {dataset!r} does not exist")
+            kind = {".jsonl": "json"}.get(path.suffix, path.suffix[1:])
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        else:
+            ds = datasets.load_dataset(dataset, config, split=split)
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+        fail(f"cannot load dataset {dataset!r} split {split!r} (offline? wrong id?): {str(e).splitlines()[0]}")
+    if len(ds) == 0:
+        fail(f"dataset {dataset!r} split {split!r} is empty")
+    missing = [f for f in fields if f not in ds.column_names]
+    if missing:
+        fail(f"dataset {dataset!r} lacks field(s) {missing}; it has {ds.column_names}")
+    return list(ds)
+
+
+def autocast(device, dtype: str):
+    """bf16 compute with fp32 master weights (GR's ε·g1 lives in the fp32 weights)."""
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def tokenize_prompts(tokenizer, texts: list[str], device):
+    """Left-padded (N, P) ids and mask. Rendered chat prompts carry their special tokens already."""
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, eos_ids,
+                   batch_size: int, generator=None, top_p: float = 1.0, top_k: int = 0) -> tuple[list[str], torch.Tensor]:
+    """Completions (decoded, special tokens dropped) and has_eos (N,) for a list of prompt strings."""
+    texts, ended = [], []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = tokenize_prompts(tokenizer, prompts[i:i + batch_size], next(model.parameters()).device)
+        completion, cmask = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_ids=eos_ids,
+                                     pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
+                                     top_k=top_k, generator=generator)
+        texts += tokenizer.batch_decode(completion * cmask + tokenizer.pad_token_id * (1 - cmask),
+                                        skip_special_tokens=True)
+        ended.append(has_eos(completion, eos_ids))
+    return texts, torch.cat(ended)
+
+
+def shard_list(items: list, rank: int, world: int) -> list:
+    """This rank's contiguous share; pads with the last item so every rank runs the same batches (lockstep)."""
+    per = -(-len(items) // world)
+    share = items[rank * per:(rank + 1) * per]
+    return share + [items[-1]] * (per - len(share))
+
+
+# ----------------------------------------------------------------------------- supervised fine-tuning
+
+def sft_loss(model, input_ids, attention_mask, loss_mask):
+    """Mean next-token cross-entropy over the tokens where loss_mask = 1 (the completion). All (N, L)."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, :-1]
+    nll = F.cross_entropy(logits.float().transpose(1, 2), input_ids[:, 1:], reduction="none")  # (N, L-1)
+    m = loss_mask[:, 1:].float()
+    return (nll * m).sum() / m.sum().clamp(min=1)
+
+
+def sft_batch(tokenizer, prompts: list[str], completions: list[str], device, max_len: int):
+    """Right-padded prompt+completion+EOS ids (N, L), mask, and the completion-only loss mask."""
+    ids, loss = [], []
+    for p, c in zip(prompts, completions):
+        p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        c_ids = tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        seq = (p_ids + c_ids)[:max_len]
+        ids.append(seq)
+        loss.append(([0] * len(p_ids) + [1] * len(c_ids))[:max_len])
+    L = max(map(len, ids))
+    input_ids = torch.full((len(ids), L), tokenizer.pad_token_id, dtype=torch.long)
+    mask, loss_mask = torch.zeros_like(input_ids), torch.zeros_like(input_ids)
+    for i, (seq, lm) in enumerate(zip(ids, loss)):
+        input_ids[i, :len(seq)], mask[i, :len(seq)], loss_mask[i, :len(seq)] = torch.tensor(seq), 1, torch.tensor(lm)
+    return input_ids.to(device), mask.to(device), loss_mask.to(device)
+
+
+# ----------------------------------------------------------------------------- the RL loop
+
+@dataclass
+class RLConfig:
+    """Dr.GRPO with --reg none|kl|reset|gr. Defaults: the paper's GSM8K recipe (Tables 8-9)."""
+    model: str = field(default="Qwen/Qwen2.5-0.5B-Instruct", metadata={"help": "policy: hub id or local HF dir"})
+    out_dir: str = field(default="runs/rl", metadata={"help": "metrics.jsonl, checkpoints, eval JSON"})
+    reg: str = field(default="gr", metadata={"help": "regulariser", "choices": REGS})
+    steps: int = field(default=500, metadata={"help": "optimizer steps (one per sampled batch)"})
+    prompts_per_step: int = field(default=32, metadata={"help": "prompts per step, all ranks (paper: 256 seqs = 32 x 8)"})
+    group_size: int = field(default=8, metadata={"help": "G rollouts per prompt"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (log-probs use it too)"})
+    max_new_tokens: int = field(default=768, metadata={"help": "completion length; also the loss normaliser"})
+    max_prompt_tokens: int = field(default=512, metadata={"help": "longer prompts are dropped (count printed)"})
+    lr: float = field(default=None, metadata={"type": float, "help": "Adam lr; default 5e-6 for gr, 3e-6 otherwise"})
+    beta: float = field(default=0.05, metadata={"help": "KL weight for --reg kl/reset"})
+    kl_estimator: str = field(default="k3", metadata={"help": "KL estimator in the loss", "choices": ("k3", "k1")})
+    reset_every: int = field(default=200, metadata={"help": "R: steps between reference resets (--reg reset)"})
+    gamma: float = field(default=1e-3, metadata={"help": "GR strength γ"})
+    eps: float = field(default=1e-3, metadata={"help": "GR perturbation ε"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip of the final gradient"})
+    micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward on one rank"})
+    gen_batch_size: int = field(default=64, metadata={"help": "prompts per generate call on one rank (eval)"})
+    dtype: str = field(default="auto", metadata={"help": "compute dtype: auto = bfloat16 on CUDA, float32 on CPU",
+                                                "choices": ("auto", "float32", "bfloat16")})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing (long completions)"})
+    eval_every: int = field(default=50, metadata={"help": "steps between evals (0 = only at the end)"})
+    eval_limit: int = field(default=0, metadata={"help": "eval on the first N test rows (0 = all)"})
+    save_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out-dir"})
+    seed: int = field(default=0, metadata={"help": "seed; each step's sampling is a function of (seed, step, rank)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model repos to run their own code"})
+
+
+def validate(cfg: RLConfig) -> None:
+    """Cheap checks of the flags, before anything is loaded."""
+    if cfg.reg == "gr" and cfg.eps <= 0:
+        fail(f"--reg gr needs --eps > 0 (got {cfg.eps}): the finite difference divides by ε")
+    if cfg.reg in ("kl", "reset") and cfg.beta <= 0:
+        fail(f"--reg {cfg.reg} needs --beta > 0 (got {cfg.beta})")
+    if cfg.reg == "reset" and cfg.reset_every <= 0:
+        fail(f"--reset-every must be > 0 (got {cfg.reset_every})")
+    if cfg.group_size < 2:
+        fail(f"--group-size must be ≥ 2 for a group baseline (got {cfg.group_size})")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.prompts_per_step % world:
+        fail(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by the {world} ranks")
+    if cfg.lr is None:
+        cfg.lr = 5e-6 if cfg.reg == "gr" else 3e-6  # paper Tables 5, 8, 9
+    if cfg.dtype == "auto":
+        cfg.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    check_model_path(cfg.model)
+
+
+def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None) -> dict:
+    """The RL loop. `make_prompt(row) -> chat messages`; `score(rows, completions, has_eos) -> (rewards (N,),
+    {term: (N,)})`, terms logged as means (a "true_reward" term is the hacking signal where known);
+    `evaluate(model, tokenizer, step) -> dict` runs on all ranks. Returns the last eval."""
+    from rewards import render_chat
+    rank, world, device = init_distributed()
+    main = rank == 0
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and ckpt is None and main:
+        print(f"--resume: no checkpoint in {out}, starting from {cfg.model}")
+
+    tokenizer = load_tokenizer(str(ckpt or cfg.model), cfg.trust_remote_code)
+    prompts = [render_chat(tokenizer, make_prompt(r)) for r in rows]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    keep = [i for i, n in enumerate(lengths) if n <= cfg.max_prompt_tokens]
+    if len(keep) < len(rows) and main:
+        print(f"dropped {len(rows) - len(keep)} of {len(rows)} prompts longer than {cfg.max_prompt_tokens} tokens")
+    if len(keep) < cfg.prompts_per_step:
+        fail(f"only {len(keep)} usable prompts, fewer than --prompts-per-step {cfg.prompts_per_step}")
+    rows, prompts = [rows[i] for i in keep], [prompts[i] for i in keep]
+
+    policy = shard(load_model(ckpt or cfg.model, device, trust_remote_code=cfg.trust_remote_code,
+                              grad_checkpointing=cfg.grad_checkpointing))
+    ref = None
+    if cfg.reg in ("kl", "reset"):
+        ref_path = ckpt / "reference" if ckpt is not None and cfg.reg == "reset" else cfg.model
+        ref = shard(load_model(ref_path, device, trust_remote_code=cfg.trust_remote_code))
+        ref.requires_grad_(False)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    start = load_trainer_state(ckpt, policy, optimizer) if ckpt is not None else 0
+    eos_ids = eos_token_ids(tokenizer, policy)
+    metrics_path = out / "metrics.jsonl"
+    if main:  # a resumed run rewrites the steps after its checkpoint
+        old = metrics_path.read_text().splitlines() if start and metrics_path.exists() else []
+        metrics_path.write_text("".join(l + "\n" for l in old if json.loads(l)["step"] < start))
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    per_rank = cfg.prompts_per_step // world
+    normalizer = per_rank * cfg.group_size * cfg.max_new_tokens  # Dr.GRPO: sequences × max completion length
+    last_eval = {}
+
+    for step in range(start, cfg.steps):
+        timer = Timer()
+        # 1. sample prompts: the same global batch on every rank, a function of (seed, step)
+        picks = np.random.default_rng([cfg.seed, step]).choice(len(rows), cfg.prompts_per_step, replace=False)
+        picks = picks[rank * per_rank:(rank + 1) * per_rank].repeat(cfg.group_size)  # group by group
+        batch_rows = [rows[i] for i in picks]
+        # 2. generate G rollouts per prompt
+        with timer("generate"), autocast(device, cfg.dtype):
+            prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [prompts[i] for i in picks], device)
+            completion, cmask = generate(policy, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
+                                         eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                                         temperature=cfg.temperature,
+                                         generator=step_generator(cfg.seed, step, rank, device))
+        ended = has_eos(completion, eos_ids)
+        texts = tokenizer.batch_decode(completion * cmask + tokenizer.pad_token_id * (1 - cmask),
+                                       skip_special_tokens=True)
+        # 3. score
+        with timer("score"):
+            rewards, terms = score(batch_rows, texts, ended)
+            rewards = rewards.to(device, torch.float32)
+        # 4. advantages (Dr.GRPO: group mean baseline, no std)
+        batch = {"input_ids": torch.cat([prompt_ids, completion], 1),
+                 "attention_mask": torch.cat([prompt_mask, cmask], 1),
+                 "completion_mask": cmask,
+                 "advantages": group_advantages(rewards, cfg.group_size)}
+        if ref is not None:
+            with timer("reference"), autocast(device, cfg.dtype):
+                batch["ref_logp"] = reference_logprobs(ref, batch, cfg.temperature, cfg.micro_batch_size)
+        # 5-6. loss/backward (twice with GR), clip to 1.0, optimizer step
+        with timer("update"), autocast(device, cfg.dtype):
+            stats = train_step(policy, optimizer, batch, reg=cfg.reg, temperature=cfg.temperature,
+                               normalizer=normalizer, micro_batch_size=cfg.micro_batch_size, beta=cfg.beta,
+                               kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, eps=cfg.eps,
+                               max_grad_norm=cfg.max_grad_norm, step=step)
+        if cfg.reg == "reset" and (step + 1) % cfg.reset_every == 0:
+            reset_reference(ref, policy)
+        # 7. log, evaluate, checkpoint
+        means = {"reward": rewards, **{f"rewards/{k}": v.to(device, torch.float32) for k, v in terms.items()},
+                 "completion_length": cmask.sum(1).float(), "clipped_ratio": (~ended).float()}
+        sums = all_reduce_sum(torch.stack([v.float().mean() for v in means.values()]))
+        record = {"step": step, **{k: v / world for k, v in zip(means, sums.tolist())}, **stats, **timer.times}
+        if evaluate is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
+            with timer("eval"), autocast(device, cfg.dtype):
+                last_eval = evaluate(policy, tokenizer, step + 1)
+            record.update({f"eval/{k}": v for k, v in last_eval.items()}, **timer.times)
+        log_jsonl(metrics_path, record)
+        if main:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                           if not k.startswith(("time/", "rewards/"))), flush=True)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(out, step + 1, policy, optimizer, tokenizer, ref if cfg.reg == "reset" else None)
+    return last_eval

@@ -1,0 +1,180 @@
+"""The embedded offline default: tiny models of a real HF architecture, a locally trained tokenizer and
+synthetic data in the real datasets' schemas, so every script runs end to end on a laptop CPU, no hub.
+
+    python toy.py gsm8k     # build (cached under .cache/toy/): data, tokenizer, SFT policy
+
+The training scripts call these builders themselves for `--preset toy`; artefacts are reused once built.
+GSM8K toy: one-step arithmetic word problems written like GSM8K (`question`, `answer` ending in `#### N`).
+The SFT policy is trained briefly on a mix of the paper's <reasoning>/<answer> format (70%) and a plain
+"The answer is N." style (30%), so it follows the format part of the time and RL has room to improve.
+"""
+
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent / ".cache" / "toy"
+
+
+def gsm8k_paths(root: Path = ROOT) -> tuple[Path, Path, Path]:
+    """(train jsonl, test jsonl, SFT policy dir) of the GSM8K toy under `root`."""
+    return root / "gsm8k_train.jsonl", root / "gsm8k_test.jsonl", root / "gsm8k-sft"
+
+
+GSM8K_TRAIN, GSM8K_TEST, GSM8K_POLICY = gsm8k_paths()
+TAGS = ["<reasoning>", "</reasoning>", "<answer>", "</answer>"]
+
+NAMES = ["Tom", "Ann", "Ravi", "Mia", "Lee", "Sara", "Omar", "Lena", "Ken", "Ada"]
+ITEMS = ["apple", "book", "coin", "pencil", "card", "egg", "shell", "marble", "sticker", "cookie"]
+
+
+# ----------------------------------------------------------------------------- data
+
+def word_problem(rng: random.Random) -> dict:
+    """One GSM8K-schema row: question, and an answer with the working and `#### N`."""
+    name, other = rng.sample(NAMES, 2)
+    item = rng.choice(ITEMS)
+    kind = rng.choice(["add", "sub", "mul", "add_sub"])
+    a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
+    if kind == "add":
+        q = f"{name} has {a} {item}s. {name} buys {b} more. How many {item}s does {name} have now?"
+        work, n = f"{a} + {b} = {a + b}", a + b
+    elif kind == "sub":
+        a = a + b
+        q = f"{name} had {a} {item}s and gave {b} to {other}. How many {item}s does {name} have left?"
+        work, n = f"{a} - {b} = {a - b}", a - b
+    elif kind == "mul":
+        q = f"{name} buys {a} bags with {b} {item}s in each bag. How many {item}s does {name} buy?"
+        work, n = f"{a} * {b} = {a * b}", a * b
+    else:
+        q = f"{name} has {a} {item}s, finds {b} more and loses {c}. How many {item}s does {name} have?"
+        work, n = f"{a} + {b} - {c} = {a + b - c}", a + b - c
+    calc = work.replace(" = ", "=")  # GSM8K's calculator annotation style
+    return {"question": q, "answer": f"{name} works it out: <<{calc}>>{n}.\n#### {n}", "work": work}
+
+
+def build_gsm8k_data(root: Path = ROOT, n_train: int = 4000, n_test: int = 200, seed: int = 0) -> None:
+    rng, seen, rows = random.Random(seed), set(), []
+    while len(rows) < n_train + n_test:
+        row = word_problem(rng)
+        if row["question"] not in seen:  # train and test share no question
+            seen.add(row["question"])
+            rows.append(row)
+    root.mkdir(parents=True, exist_ok=True)
+    train, test, _ = gsm8k_paths(root)
+    for path, part in ((train, rows[:n_train]), (test, rows[n_train:])):
+        path.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in part))
+
+
+def sft_completion(row: dict, rng: random.Random) -> str:
+    work = row["answer"].split("<<")[1].split(">>")[0].replace("=", " = ")
+    n = row["answer"].split("####")[1].strip()
+    if rng.random() < 0.7:
+        return f"<reasoning>\n{work}\n</reasoning>\n<answer>\n{n}\n</answer>"
+    return f"{work}. The answer is {n}."
+
+
+# ----------------------------------------------------------------------------- tokenizer and model
+
+def build_tokenizer(texts: list[str], vocab_size: int = 800):
+    """Byte-level BPE trained on the toy corpus. Digits stay single tokens (arithmetic stays learnable), the
+    four format tags are atomic, and merges stay within a line, so the long fixed prompt costs few tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens(TAGS)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>",
+                                   padding_side="left")
+
+
+def tiny_qwen2(vocab_size: int, hidden: int = 96, layers: int = 4, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=None,
+                      eos_token_id=1, pad_token_id=0)
+    return Qwen2ForCausalLM(cfg)
+
+
+def supervised(model, tokenizer, prompts: list[str], completions: list[str], *, steps: int, batch_size: int = 32,
+               lr: float = 3e-3, seed: int = 0, log_every: int = 100) -> None:
+    """A short SFT run (AdamW, cosine decay) on prompt -> completion pairs; loss on completion tokens only."""
+    from grpo import sft_batch, sft_loss
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    rng = random.Random(seed)
+    model.train()
+    for step in range(steps):
+        idx = rng.sample(range(len(prompts)), batch_size)
+        ids, mask, loss_mask = sft_batch(tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx],
+                                         "cpu", max_len=512)
+        loss = sft_loss(model, ids, mask, loss_mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % log_every == 0:
+            print(f"  sft step {step + 1}/{steps} loss {loss.item():.3f}", flush=True)
+    model.eval()
+
+
+def build_gsm8k_policy(root: Path = ROOT, *, sft_steps: int = 1500, n_train: int = 4000, hidden: int = 128,
+                       layers: int = 4) -> Path:
+    """Data, tokenizer and the SFT policy (a few minutes on 2 cores). Cached: returns at once when built."""
+    train_path, _, policy = gsm8k_paths(root)
+    if (policy / "model.safetensors").exists():
+        return policy
+    from rewards import gsm8k_messages, render_chat
+    t0 = time.time()
+    build_gsm8k_data(root, n_train=n_train)
+    rows = [json.loads(line) for line in train_path.read_text().splitlines()]
+    rng = random.Random(0)
+    completions = [sft_completion(r, rng) for r in rows]
+    plain = type("Plain", (), {"chat_template": None})()  # render without a chat template
+    prompts = [render_chat(plain, gsm8k_messages(r["question"], system_prompt=None)) for r in rows]
+    tokenizer = build_tokenizer(prompts + completions)
+    model = tiny_qwen2(len(tokenizer), hidden=hidden, layers=layers)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"toy gsm8k: {len(rows)} train problems, vocab {len(tokenizer)}, Qwen2 with {n_params / 1e6:.2f}M params; SFT")
+    torch.manual_seed(0)
+    supervised(model, tokenizer, prompts, completions, steps=sft_steps)
+    save_atomic(model, tokenizer, policy)
+    print(f"toy gsm8k policy built in {time.time() - t0:.0f}s: {policy}")
+    return policy
+
+
+def save_atomic(model, tokenizer, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path)
+
+
+def wait_or_build(build, marker: Path) -> None:
+    """Under torchrun, rank 0 builds and the other ranks wait for its artefact."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        build()
+    while not marker.exists():
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    builders = {"gsm8k": build_gsm8k_policy}
+    if len(sys.argv) != 2 or sys.argv[1] not in builders:
+        raise SystemExit(f"usage: python toy.py {{{'|'.join(builders)}}}")
+    print(builders[sys.argv[1]]())
