@@ -468,6 +468,8 @@ def load_rows(dataset: str, split: str, fields: tuple[str, ...], config: str | N
         if path.suffix in (".json", ".jsonl", ".parquet", ".csv"):
             if not path.exists():
                 fail(f"dataset file {dataset!r} does not exist")
+            if path.stat().st_size == 0:  # datasets raises a bare StopIteration on an empty file
+                fail(f"dataset {dataset!r} is empty")
             kind = {".jsonl": "json"}.get(path.suffix, path.suffix[1:])
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         else:

@@ -1,0 +1,111 @@
+"""End to end on a small toy: train_math.py (1 process and torchrun), eval.py, resume, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import eval as evaluation
+import grpo
+import toy
+import train_math
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def small_toy(tmp_path_factory):
+    """A smaller, faster-built version of the GSM8K toy (same code path as `--preset toy`)."""
+    root = tmp_path_factory.mktemp("toy")
+    toy.build_gsm8k_policy(root, sft_steps=40, n_train=400, hidden=64, layers=2)
+    return toy.gsm8k_paths(root)
+
+
+def toy_args(small_toy, out, *extra):
+    train, test, policy = small_toy
+    return ["--preset", "toy", "--model", str(policy), "--dataset", str(train), "--test-dataset", str(test),
+            "--out-dir", str(out), "--steps", "3", "--prompts-per-step", "4", "--group-size", "4",
+            "--max-new-tokens", "16", "--eval-limit", "8", "--eval-every", "2", "--save-every", "2", *extra]
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_cli(args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+@pytest.mark.parametrize("reg", grpo.REGS)
+def test_smoke_each_reg(small_toy, tmp_path, reg):
+    cfg = grpo.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--reg", reg), train_math.PRESETS)
+    final = train_math.main(cfg)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert {"reward", "rewards/correctness", "rewards/true_reward", "g1_norm", "entropy",
+                "completion_length", "clipped_ratio", "time/generate"} <= r.keys()
+        assert ("g2_norm" in r) == (reg == "gr") and ("kl" in r) == (reg in ("kl", "reset"))
+    assert 0 <= final["pass@1_greedy"] <= 1
+    ckpt = grpo.latest_checkpoint(tmp_path)
+    assert ckpt.name == "ckpt-000003" and (ckpt / "model.safetensors").exists()
+    assert (ckpt / "reference" / "model.safetensors").exists() == (reg == "reset")
+
+
+def test_torchrun_two_processes(small_toy, tmp_path):
+    proc = run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29514",
+                    "train_math.py", *toy_args(small_toy, tmp_path, "--reg", "gr")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2]
+    assert grpo.latest_checkpoint(tmp_path).name == "ckpt-000003"
+
+
+def test_eval_on_saved_checkpoint(small_toy, tmp_path):
+    cfg = grpo.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--steps", "1"), train_math.PRESETS)
+    train_math.main(cfg)
+    _, test, _ = small_toy
+    out = tmp_path / "eval.json"
+    summary = evaluation.evaluate(evaluation.EvalConfig(
+        checkpoint=str(grpo.latest_checkpoint(tmp_path)), dataset=str(test), limit=10, samples=2,
+        max_new_tokens=16, system_prompt="", out=str(out)))
+    assert json.loads(out.read_text()) == summary
+    assert summary["n"] == 10 and 0 <= summary["pass@1_greedy"] <= 1 and 0 <= summary["pass@1_sampled"] <= 1
+
+
+@pytest.mark.parametrize("reg", ["gr", "reset"])
+def test_resume_reproduces_uninterrupted_run(small_toy, tmp_path, reg):
+    common = ["--reg", reg, "--reset-every", "3", "--steps", "4"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, full, *common), train_math.PRESETS))
+    # the "killed" run stops after its step-2 checkpoint, then resumes to the same end
+    train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, killed, *common, "--steps", "2"),
+                                      train_math.PRESETS))
+    train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, killed, *common, "--resume"),
+                                      train_math.PRESETS))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    assert strip(read_metrics(killed)) == strip(read_metrics(full))
+
+
+def test_bad_inputs_fail_fast_with_one_line(small_toy, tmp_path):
+    train, _, _ = small_toy
+    no_fields = tmp_path / "no_fields.jsonl"
+    no_fields.write_text(json.dumps({"prompt": "x"}) + "\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cases = {
+        "no such directory": ["--model", str(tmp_path / "missing")],
+        "cannot load dataset 'nobody/no-such-dataset'": ["--dataset", "nobody/no-such-dataset"],
+        "lacks field(s) ['question', 'answer']": ["--dataset", str(no_fields)],
+        "is empty": ["--dataset", str(empty)],
+        "--reg gr needs --eps > 0": ["--reg", "gr", "--eps", "0"],
+    }
+    for expected, extra in cases.items():
+        proc = run_cli([sys.executable, "train_math.py", *toy_args(small_toy, tmp_path / "out", *extra)])
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1, (expected, proc.stderr[-2000:])
+        assert expected in lines[-1] and lines[-1].startswith("error:") and "Traceback" not in proc.stderr, lines
+        assert not (tmp_path / "out" / "metrics.jsonl").exists()  # failed before any work
