@@ -86,10 +86,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed for one step's randomness, a pure function of (seed, step, rank): resumed runs reproduce."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
 def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
-    """RNG for one step's sampling, a pure function of (seed, step, rank): resume reproduces runs."""
-    state = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
-    return torch.Generator(device=device).manual_seed(state)
+    return torch.Generator(device=device).manual_seed(step_seed(seed, step, rank))
 
 
 def shard(model: torch.nn.Module) -> torch.nn.Module:
@@ -648,6 +651,7 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
     for step in range(start, cfg.steps):
         timer = Timer()
         # 1. sample prompts: the same global batch on every rank, a function of (seed, step)
+        torch.manual_seed(step_seed(cfg.seed, step, rank))  # so is any sampling inside `score` (e.g. a judge)
         picks = np.random.default_rng([cfg.seed, step]).choice(len(rows), cfg.prompts_per_step, replace=False)
         picks = picks[rank * per_rank:(rank + 1) * per_rank].repeat(cfg.group_size)  # group by group
         batch_rows = [rows[i] for i in picks]

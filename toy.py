@@ -2,6 +2,7 @@
 synthetic data in the real datasets' schemas, so every script runs end to end on a laptop CPU, no hub.
 
     python toy.py gsm8k     # build (cached under .cache/toy/): data, tokenizer, SFT policy
+    python toy.py judge     # and the tiny LLM judge for train_judge.py
 
 The training scripts call these builders themselves for `--preset toy`; artefacts are reused once built.
 GSM8K toy: one-step arithmetic word problems written like GSM8K (`question`, `answer` ending in `#### N`).
@@ -165,6 +166,61 @@ def save_atomic(model, tokenizer, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# ----------------------------------------------------------------------------- GSM8K judge
+
+def judge_path(root: Path = ROOT) -> Path:
+    return root / "gsm8k-judge"
+
+
+def judge_reply(correct: bool, well_formed: bool) -> str:
+    """The App. C.5 reply format with the scores the judge is taught: correctness 5 or 1."""
+    sentence = "The answer matches the correct solution." if correct else "The answer is wrong."
+    return (f"<judgement>\n{sentence}\n</judgement>\n<correctness_score>\n{5 if correct else 1}\n"
+            f"</correctness_score>\n<coherence_score>\n{5 if well_formed else 2}\n</coherence_score>")
+
+
+def build_gsm8k_judge(root: Path = ROOT, *, n_train: int = 3000, sft_steps: int = 1500, hidden: int = 128,
+                      layers: int = 4, policy_kwargs: dict | None = None) -> Path:
+    """A tiny LM taught to answer the paper's judge prompt (App. C.5) for completions sampled from the toy
+    policy, labelled by the rule-based correctness. Small and briefly trained, so it is an imperfect,
+    hackable proxy for correctness (§5.3). Prints its agreement with the rule on held-out completions."""
+    path = judge_path(root)
+    if (path / "model.safetensors").exists():
+        return path
+    import grpo
+    from rewards import gsm8k_gold, gsm8k_messages, gsm8k_rewards, judge_messages, judge_rewards, render_chat
+    t0 = time.time()
+    policy_dir = build_gsm8k_policy(root, **(policy_kwargs or {}))
+    train_path, _, _ = gsm8k_paths(root)
+    rows = [json.loads(line) for line in train_path.read_text().splitlines()]
+    rows = (rows * (1 + (n_train + 200) // len(rows)))[:n_train + 200]
+    policy_tok, policy = grpo.load_tokenizer(str(policy_dir)), grpo.load_model(policy_dir, "cpu")
+    plain = type("Plain", (), {"chat_template": None})()
+    prompts = [render_chat(plain, gsm8k_messages(r["question"], system_prompt=None)) for r in rows]
+    completions, _ = grpo.generate_texts(policy, policy_tok, prompts, max_new_tokens=32, temperature=1.0,
+                                         eos_ids=[policy_tok.eos_token_id], batch_size=256,
+                                         generator=torch.Generator().manual_seed(0))
+    terms = [gsm8k_rewards(c, gsm8k_gold(r["answer"])) for r, c in zip(rows, completions)]
+    judge_prompts = [render_chat(plain, judge_messages(r["question"], c, r["answer"])) for r, c in zip(rows, completions)]
+    replies = [judge_reply(t["correctness"] > 0, t["strict_format"] > 0) for t in terms]
+    tokenizer = build_tokenizer(judge_prompts + replies, vocab_size=1000)
+    model = tiny_qwen2(len(tokenizer), hidden=hidden, layers=layers, seed=1)
+    print(f"toy judge: {n_train} judged completions ({sum(t['correctness'] > 0 for t in terms)} correct), "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; SFT")
+    supervised(model, tokenizer, judge_prompts[:n_train], replies[:n_train], steps=sft_steps)
+    held = slice(n_train, n_train + 200)
+    scores, failures = judge_rewards(model, tokenizer, [r["question"] for r in rows[held]], completions[held],
+                                     [r["answer"] for r in rows[held]])
+    truth = torch.tensor([t["correctness"] > 0 for t in terms[held]])
+    agreement = ((scores > 1.0) == truth).float().mean().item()
+    print(f"toy judge vs rule-based correctness on 200 held-out completions: agreement {agreement:.2f}, "
+          f"{failures} unparsable replies")
+    save_atomic(model, tokenizer, path)
+    (path / "judge_eval.json").write_text(json.dumps({"agreement": agreement, "parse_failures": failures}))
+    print(f"toy judge built in {time.time() - t0:.0f}s: {path}")
+    return path
+
+
 def wait_or_build(build, marker: Path) -> None:
     """Under torchrun, rank 0 builds and the other ranks wait for its artefact."""
     if int(os.environ.get("RANK", 0)) == 0:
@@ -173,8 +229,112 @@ def wait_or_build(build, marker: Path) -> None:
         time.sleep(1)
 
 
+# ----------------------------------------------------------------------------- TL;DR toy (RLHF, train_tldr.py)
+# "Summarisation" of a list of items with importance weights, e.g. prompt "Summarize: cat=3 egg=1 owl=2 sun=1"
+# and summary "cat owl". The gold reward (the programmatic stand-in for the gold RM) is the importance of the
+# distinct prompt items a summary names minus TLDR_WORD_COST per word (so repeats, unknown words and items of
+# weight 1 cost more than they bring): the best summary names exactly the items of weight >= 2, briefly.
+# The dataset's reference summaries are noisy (an item of weight w is named with probability TLDR_INCLUDE[w]),
+# so SFT on them leaves room for RL; a proxy RM trained on a limited set of gold-labelled pairs is imperfect.
+
+TLDR_WORDS = ["apple", "bread", "cat", "dog", "egg", "fish", "goat", "hat", "ice", "jam", "kite", "lamp",
+              "milk", "nut", "owl", "pear", "rose", "sun", "tree", "van", "wolf", "yak", "zebra", "box"]
+TLDR_WORD_COST = 1.5
+TLDR_INCLUDE = {3: 0.9, 2: 0.5, 1: 0.15}
+TLDR_NO_EOS_COST = 1.0  # a summary cut off at the length limit is scored as written, minus this
+
+
+def tldr_paths(root: Path = ROOT) -> tuple[Path, Path, Path]:
+    """(train jsonl, test jsonl, base model dir: random-init tiny Qwen2 + tokenizer) of the TL;DR toy."""
+    return root / "tldr_train.jsonl", root / "tldr_test.jsonl", root / "tldr-base"
+
+
+TLDR_TRAIN, TLDR_TEST, TLDR_BASE = tldr_paths()
+
+
+def tldr_prompt(items: dict[str, int]) -> str:
+    return "Summarize: " + " ".join(f"{w}={v}" for w, v in items.items())
+
+
+def tldr_parse_prompt(prompt: str) -> dict[str, int]:
+    """Item -> weight from a toy prompt (any surrounding chat rendering is ignored)."""
+    import re
+    return {w: int(v) for w, v in re.findall(r"([a-z]+)=([0-9])", prompt)}
+
+
+def tldr_gold_reward(prompt: str, completion: str, has_eos: bool = True) -> float:
+    """Σ weight of the distinct prompt items named − TLDR_WORD_COST × words; cut-off summaries pay TLDR_NO_EOS_COST.
+
+    Words are whitespace-separated, stripped of `.,;:`; a repeated item counts once but costs every time.
+    """
+    items = tldr_parse_prompt(prompt)
+    words = [w.strip(".,;:") for w in completion.split()]
+    gain = sum(items[w] for w in set(words) if w in items)
+    return float(gain - TLDR_WORD_COST * len(words) - (0 if has_eos else TLDR_NO_EOS_COST))
+
+
+def tldr_row(rng: random.Random) -> dict:
+    """One row: prompt (4-6 items with weights 1-3) and a noisy reference summary (items in prompt order)."""
+    words = rng.sample(TLDR_WORDS, rng.randint(4, 6))
+    items = {w: rng.randint(1, 3) for w in words}
+    summary = [w for w in words if rng.random() < TLDR_INCLUDE[items[w]]] or [max(items, key=items.get)]
+    return {"prompt": tldr_prompt(items), "reference": " " + " ".join(summary)}  # leading space, as TL;DR's
+
+
+def build_tldr_data(root: Path = ROOT, n_train: int = 8000, n_test: int = 256, seed: int = 0) -> None:
+    rng, seen, rows = random.Random(seed), set(), []
+    while len(rows) < n_train + n_test:
+        row = tldr_row(rng)
+        if row["prompt"] not in seen:  # train and test share no prompt
+            seen.add(row["prompt"])
+            rows.append(row)
+    root.mkdir(parents=True, exist_ok=True)
+    train, test, _ = tldr_paths(root)
+    for path, part in ((train, rows[:n_train]), (test, rows[n_train:])):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in part))
+        os.replace(tmp, path)
+
+
+def build_tldr_tokenizer(texts: list[str], vocab_size: int = 400):
+    """Byte-level BPE like `build_tokenizer`, but with GPT-2's word-splitting regex, so merges never cross a
+    word boundary: the RMs score prompt + decoded completion re-tokenised as one string (`rewards.rm_scores`),
+    and word-aligned tokens make that re-tokenisation reproduce the policy's own tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>",
+                                   padding_side="left")
+
+
+def build_tldr_base(root: Path = ROOT, *, n_train: int = 8000, n_test: int = 256, hidden: int = 64,
+                    layers: int = 4) -> Path:
+    """Data, tokenizer and a randomly initialised tiny Qwen2 (the "pretrained" model that train_tldr.py's SFT
+    stage starts from). Seconds. Cached: returns at once when built."""
+    train_path, _, base = tldr_paths(root)
+    if (base / "model.safetensors").exists():
+        return base
+    from rewards import render_chat
+    build_tldr_data(root, n_train=n_train, n_test=n_test)
+    rows = [json.loads(line) for line in train_path.read_text().splitlines()]
+    plain = type("Plain", (), {"chat_template": None})()
+    prompts = [render_chat(plain, [{"role": "user", "content": r["prompt"]}]) for r in rows]
+    tokenizer = build_tldr_tokenizer(prompts + [r["reference"] for r in rows])
+    model = tiny_qwen2(len(tokenizer), hidden=hidden, layers=layers)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"toy tldr: {len(rows)} train prompts, vocab {len(tokenizer)}, Qwen2 with {n_params / 1e6:.2f}M params")
+    save_atomic(model, tokenizer, base)
+    return base
+
+
 if __name__ == "__main__":
-    builders = {"gsm8k": build_gsm8k_policy}
+    builders = {"gsm8k": build_gsm8k_policy, "tldr": build_tldr_base}
     if len(sys.argv) != 2 or sys.argv[1] not in builders:
         raise SystemExit(f"usage: python toy.py {{{'|'.join(builders)}}}")
     print(builders[sys.argv[1]]())
