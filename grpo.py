@@ -574,8 +574,13 @@ class RLConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip of the final gradient"})
     micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward on one rank"})
     gen_batch_size: int = field(default=64, metadata={"help": "prompts per generate call on one rank (eval)"})
-    dtype: str = field(default="auto", metadata={"help": "compute dtype: auto = bfloat16 on CUDA, float32 on CPU",
+    dtype: str = field(default="auto", metadata={"help": "compute dtype of generation and eval: "
+                                                        "auto = bfloat16 on CUDA, float32 on CPU",
                                                 "choices": ("auto", "float32", "bfloat16")})
+    update_dtype: str = field(default="float32", metadata={
+        "help": "compute dtype of the loss/backward passes. Keep float32 for --reg gr: ε·g1 is far below bf16 "
+                "resolution, and in bf16 the finite difference is rounding noise (benchmarks/gr_precision.py)",
+        "choices": ("float32", "bfloat16")})
     grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing (long completions)"})
     eval_every: int = field(default=50, metadata={"help": "steps between evals (0 = only at the end)"})
     eval_limit: int = field(default=0, metadata={"help": "eval on the first N test rows (0 = all)"})
@@ -675,10 +680,10 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
                  "completion_mask": cmask,
                  "advantages": group_advantages(rewards, cfg.group_size)}
         if ref is not None:
-            with timer("reference"), autocast(device, cfg.dtype):
+            with timer("reference"), autocast(device, cfg.update_dtype):  # same precision as π_φ in the KL
                 batch["ref_logp"] = reference_logprobs(ref, batch, cfg.temperature, cfg.micro_batch_size)
         # 5-6. loss/backward (twice with GR), clip to 1.0, optimizer step
-        with timer("update"), autocast(device, cfg.dtype):
+        with timer("update"), autocast(device, cfg.update_dtype):
             stats = train_step(policy, optimizer, batch, reg=cfg.reg, temperature=cfg.temperature,
                                normalizer=normalizer, micro_batch_size=cfg.micro_batch_size, beta=cfg.beta,
                                kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, eps=cfg.eps,
