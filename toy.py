@@ -112,11 +112,14 @@ def tiny_qwen2(vocab_size: int, hidden: int = 96, layers: int = 4, seed: int = 0
 
 
 def supervised(model, tokenizer, prompts: list[str], completions: list[str], *, steps: int, batch_size: int = 32,
-               lr: float = 3e-3, seed: int = 0, log_every: int = 100) -> None:
-    """A short SFT run (AdamW, cosine decay) on prompt -> completion pairs; loss on completion tokens only."""
+               lr: float = 1e-3, warmup: int = 100, seed: int = 0, log_every: int = 100) -> None:
+    """A short SFT run on prompt -> completion pairs, loss on completion tokens only. AdamW, linear warmup, then
+    cosine decay to lr/10 (without warmup, or at 3e-3, the toy policy stalled before learning to copy numbers)."""
+    import math
     from grpo import sft_batch, sft_loss
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    schedule = lambda s: min(1.0, (s + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * s / steps))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     rng = random.Random(seed)
     model.train()
     for step in range(steps):
@@ -134,7 +137,7 @@ def supervised(model, tokenizer, prompts: list[str], completions: list[str], *, 
     model.eval()
 
 
-def build_gsm8k_policy(root: Path = ROOT, *, sft_steps: int = 1500, n_train: int = 4000, hidden: int = 128,
+def build_gsm8k_policy(root: Path = ROOT, *, sft_steps: int = 800, n_train: int = 4000, hidden: int = 128,
                        layers: int = 4) -> Path:
     """Data, tokenizer and the SFT policy (a few minutes on 2 cores). Cached: returns at once when built."""
     train_path, _, policy = gsm8k_paths(root)
@@ -179,7 +182,7 @@ def judge_reply(correct: bool, well_formed: bool) -> str:
             f"</correctness_score>\n<coherence_score>\n{5 if well_formed else 2}\n</coherence_score>")
 
 
-def build_gsm8k_judge(root: Path = ROOT, *, n_train: int = 3000, sft_steps: int = 1500, hidden: int = 128,
+def build_gsm8k_judge(root: Path = ROOT, *, n_train: int = 3000, sft_steps: int = 800, hidden: int = 128,
                       layers: int = 4, policy_kwargs: dict | None = None) -> Path:
     """A tiny LM taught to answer the paper's judge prompt (App. C.5) for completions sampled from the toy
     policy, labelled by the rule-based correctness. Small and briefly trained, so it is an imperfect,
@@ -230,12 +233,15 @@ def wait_or_build(build, marker: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- TL;DR toy (RLHF, train_tldr.py)
-# "Summarisation" of a list of items with importance weights, e.g. prompt "Summarize: cat=3 egg=1 owl=2 sun=1"
-# and summary "cat owl". The gold reward (the programmatic stand-in for the gold RM) is the importance of the
-# distinct prompt items a summary names minus TLDR_WORD_COST per word (so repeats, unknown words and items of
-# weight 1 cost more than they bring): the best summary names exactly the items of weight >= 2, briefly.
-# The dataset's reference summaries are noisy (an item of weight w is named with probability TLDR_INCLUDE[w]),
-# so SFT on them leaves room for RL; a proxy RM trained on a limited set of gold-labelled pairs is imperfect.
+# "Summarisation" of a post that mentions 4-6 topics 1-3 times each, in random order: an important topic is
+# mentioned more often, e.g. prompt "Summarize: owl cat owl egg cat owl" (owl 3, cat 2, egg 1), summary " cat owl".
+# The gold reward (the programmatic stand-in for the gold RM) is the importance (mention count) of the distinct
+# topics a summary names minus TLDR_WORD_COST per word, so repeats, unknown words and topics mentioned once cost
+# more than they bring: the best summary names exactly the topics mentioned >= 2 times, once each.
+# The dataset's reference summaries are noisy (a topic of importance w is named with probability TLDR_INCLUDE[w]),
+# so SFT on them leaves room for RL, and a proxy RM trained on a limited set of gold-labelled pairs is imperfect.
+# Summaries list topics in the fixed TLDR_WORDS order (a tiny model learns that within one SFT epoch; copying in
+# prompt order needs induction heads that it does not form in a few minutes of CPU).
 
 TLDR_WORDS = ["apple", "bread", "cat", "dog", "egg", "fish", "goat", "hat", "ice", "jam", "kite", "lamp",
               "milk", "nut", "owl", "pear", "rose", "sun", "tree", "van", "wolf", "yak", "zebra", "box"]
@@ -252,36 +258,35 @@ def tldr_paths(root: Path = ROOT) -> tuple[Path, Path, Path]:
 TLDR_TRAIN, TLDR_TEST, TLDR_BASE = tldr_paths()
 
 
-def tldr_prompt(items: dict[str, int]) -> str:
-    return "Summarize: " + " ".join(f"{w}={v}" for w, v in items.items())
-
-
-def tldr_parse_prompt(prompt: str) -> dict[str, int]:
-    """Item -> weight from a toy prompt (any surrounding chat rendering is ignored)."""
-    import re
-    return {w: int(v) for w, v in re.findall(r"([a-z]+)=([0-9])", prompt)}
+def tldr_importance(prompt: str) -> dict[str, int]:
+    """Topic -> mention count in a toy prompt (the words after "Summarize:")."""
+    counts: dict[str, int] = {}
+    for w in prompt.split("Summarize:", 1)[-1].split():
+        counts[w] = counts.get(w, 0) + 1
+    return counts
 
 
 def tldr_gold_reward(prompt: str, completion: str, has_eos: bool = True) -> float:
-    """Σ weight of the distinct prompt items named − TLDR_WORD_COST × words; cut-off summaries pay TLDR_NO_EOS_COST.
-
-    Words are whitespace-separated, stripped of `.,;:`; a repeated item counts once but costs every time.
-    """
-    items = tldr_parse_prompt(prompt)
+    """Σ importance of the distinct prompt topics named − TLDR_WORD_COST × words; cut-off summaries pay
+    TLDR_NO_EOS_COST. Words are whitespace-separated, stripped of `.,;:`; a repeat counts once, costs every time."""
+    items = tldr_importance(prompt)
     words = [w.strip(".,;:") for w in completion.split()]
     gain = sum(items[w] for w in set(words) if w in items)
     return float(gain - TLDR_WORD_COST * len(words) - (0 if has_eos else TLDR_NO_EOS_COST))
 
 
 def tldr_row(rng: random.Random) -> dict:
-    """One row: prompt (4-6 items with weights 1-3) and a noisy reference summary (items in prompt order)."""
+    """One row: prompt (4-6 topics, each mentioned 1-3 times, shuffled) and a noisy reference summary."""
     words = rng.sample(TLDR_WORDS, rng.randint(4, 6))
-    items = {w: rng.randint(1, 3) for w in words}
-    summary = [w for w in words if rng.random() < TLDR_INCLUDE[items[w]]] or [max(items, key=items.get)]
-    return {"prompt": tldr_prompt(items), "reference": " " + " ".join(summary)}  # leading space, as TL;DR's
+    counts = {w: rng.randint(1, 3) for w in words}
+    post = [w for w in words for _ in range(counts[w])]
+    rng.shuffle(post)
+    order = sorted(words, key=TLDR_WORDS.index)
+    summary = [w for w in order if rng.random() < TLDR_INCLUDE[counts[w]]] or [max(order, key=counts.get)]
+    return {"prompt": "Summarize: " + " ".join(post), "reference": " " + " ".join(summary)}  # leading space: TL;DR's
 
 
-def build_tldr_data(root: Path = ROOT, n_train: int = 8000, n_test: int = 256, seed: int = 0) -> None:
+def build_tldr_data(root: Path = ROOT, n_train: int = 24000, n_test: int = 256, seed: int = 0) -> None:
     rng, seen, rows = random.Random(seed), set(), []
     while len(rows) < n_train + n_test:
         row = tldr_row(rng)
@@ -313,7 +318,7 @@ def build_tldr_tokenizer(texts: list[str], vocab_size: int = 400):
                                    padding_side="left")
 
 
-def build_tldr_base(root: Path = ROOT, *, n_train: int = 8000, n_test: int = 256, hidden: int = 64,
+def build_tldr_base(root: Path = ROOT, *, n_train: int = 24000, n_test: int = 256, hidden: int = 64,
                     layers: int = 4) -> Path:
     """Data, tokenizer and a randomly initialised tiny Qwen2 (the "pretrained" model that train_tldr.py's SFT
     stage starts from). Seconds. Cached: returns at once when built."""
