@@ -9,10 +9,23 @@ that this script wrote for the base model (`--base-results`).
     torchrun --nproc_per_node=8 eval.py --checkpoint Qwen/Qwen2.5-1.5B-Instruct --task math --out base.json
     python eval.py --checkpoint runs/math_gr/ckpt-001000 --task math --base-results base.json
 
+RLHF (§4-5.1, `--task tldr`): win rate vs the reference completion judged by the gold RM, BT loss / accuracy of the
+proxy RM on gold-labelled pairs sampled from the policy, KL to the initial policy, sharpness and gradient norm
+(definitions and scales: train_tldr.py's docstring).
+
+    python eval.py --task tldr --checkpoint runs/tldr/rl-gr/ckpt-001000 --proxy-rm runs/tldr/rm \
+        --reference-model runs/tldr/sft --max-new-tokens 106 --limit 512 --out runs/tldr/rl-gr/eval.json
+    python eval.py --task tldr --checkpoint runs/toy_tldr/rl-gr/ckpt-000150 --dataset .cache/toy/tldr_test.jsonl \
+        --gold-rm toy --proxy-rm runs/toy_tldr/rm --reference-model runs/toy_tldr/sft --max-new-tokens 16
+    python eval.py plot runs/toy_tldr/rl-none runs/toy_tldr/rl-gr --out fig.png \
+        --panel step:rewards/proxy,rewards/gold --panel eval/kl:eval/gold     # metrics.jsonl curves -> PNG
+
 Writes a JSON summary (also printed). Under torchrun the problems are split across ranks.
 """
 
 import json
+import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +38,8 @@ from rewards import (QWEN_SYSTEM_PROMPT, gsm8k_gold, gsm8k_messages, gsm8k_rewar
                      render_chat)
 
 TASKS = {"gsm8k": ("openai/gsm8k", "main", ("question", "answer")),
-         "math": ("DigitalLearningGmbH/MATH-lighteval", None, ("problem", "solution", "level", "type"))}
+         "math": ("DigitalLearningGmbH/MATH-lighteval", None, ("problem", "solution", "level", "type")),
+         "tldr": ("trl-lib/tldr", None, ("prompt", "completion"))}  # fields: see train_tldr.load_split
 QUINTILES = ("00-20%", "20-40%", "40-60%", "60-80%", ">80%")
 
 
@@ -46,6 +60,13 @@ class EvalConfig:
     out: str = field(default=None, metadata={"type": str, "help": "write the JSON summary here"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     dtype: str = field(default="auto", metadata={"help": "compute dtype", "choices": ("auto", "float32", "bfloat16")})
+    # --task tldr (RLHF)
+    gold_rm: str = field(default="Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",
+                         metadata={"help": "tldr: gold RM (hub id, dir, or 'toy')"})
+    proxy_rm: str = field(default=None, metadata={"type": str, "help": "tldr: the proxy RM dir RL trained against"})
+    reference_model: str = field(default=None, metadata={"type": str, "help": "tldr: initial (SFT) policy for the KL"})
+    sharpness_sigma: float = field(default=0.02, metadata={"help": "tldr: perturbation std / each tensor's RMS"})
+    sharpness_perturbations: int = field(default=32, metadata={"help": "tldr: random perturbations (0 = skip)"})
 
 
 def prompt_messages(task: str, row: dict, system_prompt: str | None) -> list[dict]:
@@ -121,6 +142,8 @@ def quintile_accuracy(rows: list[dict], correct: list[float | None], base_catego
 
 
 def evaluate(cfg: EvalConfig) -> dict:
+    if cfg.task == "tldr":
+        return evaluate_tldr(cfg)
     dataset, config, fields = TASKS[cfg.task]
     rows = grpo.load_rows(cfg.dataset or dataset, cfg.split, fields, config)
     rows = rows[:cfg.limit] if cfg.limit else rows
@@ -156,5 +179,162 @@ def evaluate(cfg: EvalConfig) -> dict:
     return summary
 
 
+# ----------------------------------------------------------------------------- RLHF metrics (§4-5.1, train_tldr.py)
+
+def win_rate(policy_scores, reference_scores) -> float:
+    """Fraction of prompts where the gold RM scores the policy's completion above the reference; ties count 1/2."""
+    p, r = torch.as_tensor(policy_scores, dtype=torch.float64), torch.as_tensor(reference_scores, dtype=torch.float64)
+    return ((p > r).double() + 0.5 * (p == r).double()).mean().item()
+
+
+def bt_loss_on_policy(proxy_a, proxy_b, gold_a, gold_b) -> dict:
+    """Bradley-Terry loss (eq. 3) and accuracy of the proxy RM on pairs (a, b), each pair oriented by the gold RM.
+
+    Pairs the gold RM ties are dropped; a proxy tie counts as half correct. Returns bt_loss, bt_accuracy, bt_pairs
+    (nan loss/accuracy when no pair is left)."""
+    from rewards import bradley_terry_loss
+    pa, pb, ga, gb = (torch.as_tensor(x, dtype=torch.float64) for x in (proxy_a, proxy_b, gold_a, gold_b))
+    keep = ga != gb
+    chosen = torch.where(ga > gb, pa, pb)[keep]
+    rejected = torch.where(ga > gb, pb, pa)[keep]
+    if not keep.any():
+        return {"bt_loss": math.nan, "bt_accuracy": math.nan, "bt_pairs": 0}
+    accuracy = ((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean().item()
+    return {"bt_loss": bradley_terry_loss(chosen, rejected).item(), "bt_accuracy": accuracy,
+            "bt_pairs": int(keep.sum())}
+
+
+def kl_to_reference(logp, ref_logp, mask) -> torch.Tensor:
+    """(N,) sequence KL estimate Σ_t (log π − log π_ref) over the completion tokens (mask = 1), for completions
+    sampled from π: an unbiased estimate of KL(π ‖ π_ref) per sequence (k1 summed over tokens)."""
+    return ((logp - ref_logp) * mask).sum(-1)
+
+
+@torch.no_grad()
+def sharpness(model, objective, *, perturbations: int = 32, sigma: float = 0.02, seed: int = 0, params=None) -> dict:
+    """S = max_i J(φ) − J(φ + ε_i) over `perturbations` random directions (paper §4, Fig. 3).
+
+    `objective()` returns J at the model's current weights (deterministic: fixed prompts and sampling seed). Every
+    tensor W of `params` (default: all parameters) is perturbed by ε = sigma · rms(W) · z, z ~ N(0, I), so sigma is
+    the perturbation's size relative to the weights' own scale; sigma = 0 gives S = 0 exactly. The weights are
+    restored from a saved copy after each perturbation. Works on FSDP2 models (each rank perturbs its local shard;
+    rms over the whole tensor); every rank must call it. Returns sharpness, J, J_perturbed_mean."""
+    from torch.distributed.tensor import DTensor
+    import numpy as np
+    params = list(model.parameters()) if params is None else list(params)
+    local = [p.detach().to_local() if isinstance(p, DTensor) else p.detach() for p in params]
+    saved = [t.clone() for t in local]
+    sq = grpo.all_reduce_sum(torch.stack([t.double().pow(2).sum() for t in local]))
+    rms = (sq / torch.tensor([p.numel() for p in params], dtype=torch.float64, device=sq.device)).sqrt().tolist()
+    rank = dist.get_rank() if grpo.is_distributed() else 0
+    j0 = objective()
+    drops = []
+    for i in range(perturbations):
+        state = int(np.random.SeedSequence([seed, i, rank]).generate_state(1)[0])
+        gen = torch.Generator(device=local[0].device).manual_seed(state)
+        for t, r in zip(local, rms):
+            t.add_(torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype), alpha=sigma * r)
+        try:
+            drops.append(j0 - objective())
+        finally:
+            torch._foreach_copy_(local, saved)
+    return {"sharpness": max(drops) if drops else 0.0, "J": j0,
+            "J_perturbed_mean": j0 - sum(drops) / len(drops) if drops else j0}
+
+
+def evaluate_tldr(cfg: EvalConfig) -> dict:
+    import train_tldr
+    summary = train_tldr.evaluate_checkpoint(
+        cfg.checkpoint, dataset=cfg.dataset, split=cfg.split, limit=cfg.limit, gold_rm=cfg.gold_rm,
+        proxy_rm=cfg.proxy_rm, reference_model=cfg.reference_model, max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed, dtype=cfg.dtype,
+        sharpness_sigma=cfg.sharpness_sigma, sharpness_perturbations=cfg.sharpness_perturbations)
+    if not grpo.is_distributed() or dist.get_rank() == 0:
+        print(json.dumps(summary, indent=2))
+        if cfg.out:
+            Path(cfg.out).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# ----------------------------------------------------------------------------- curves from metrics.jsonl
+
+def load_metrics(run) -> list[dict]:
+    """Records of a metrics.jsonl file, or of a run dir: its `eval_init.json` (the initial policy's eval, step 0,
+    written by train_tldr.py) when present, then its metrics.jsonl."""
+    path = Path(run)
+    records = []
+    if path.is_dir():
+        if (path / "eval_init.json").exists():
+            records.append(json.loads((path / "eval_init.json").read_text()))
+        path = path / "metrics.jsonl"
+    if not path.exists():
+        grpo.fail(f"no metrics at {path}")
+    return records + [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# the paper's Fig. 3/4 quantities: proxy vs gold reward over steps, gold reward vs KL to the initial policy, ...
+TLDR_PANELS = [("step", ["rewards/proxy", "rewards/gold"]), ("eval/kl", ["eval/gold", "eval/proxy"]),
+               ("step", ["eval/win_rate"]), ("step", ["grad_norm"]), ("step", ["eval/bt_loss"]),
+               ("step", ["eval/sharpness"])]
+
+
+def plot_runs(runs, out, panels: list[tuple[str, list[str]]], *, title: str | None = None, smooth: int = 10) -> Path:
+    """One subplot per (x key, [y keys]) panel, one line per run and y key (records lacking either are skipped).
+    Per-step series longer than 3·smooth are shown as a `smooth`-step moving average. Writes a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    data = {Path(r).name if Path(r).is_dir() else str(r): load_metrics(r) for r in runs}
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, (x, ys) in zip(axes.flat, panels):
+        for name, records in data.items():
+            for y in ys:
+                pts = sorted((r[x], r[y]) for r in records if isinstance(r.get(x), (int, float))
+                             and isinstance(r.get(y), (int, float)) and math.isfinite(r[y]))
+                if not pts:
+                    continue
+                xs, vs = zip(*pts)
+                if x == "step" and len(vs) > 3 * smooth:
+                    vs = [sum(vs[max(0, i - smooth + 1):i + 1]) / len(vs[max(0, i - smooth + 1):i + 1])
+                          for i in range(len(vs))]
+                label = y if len(data) == 1 else f"{name}: {y}"
+                ax.plot(xs, vs, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+        ax.set_xlabel(x)
+        ax.set_ylabel(", ".join(ys))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
+def plot_main(argv: list[str]) -> Path:
+    import argparse
+    parser = argparse.ArgumentParser(prog="eval.py plot", description="metrics.jsonl curves of one or more runs")
+    parser.add_argument("runs", nargs="+", help="run dirs (metrics.jsonl inside) or metrics.jsonl files")
+    parser.add_argument("--out", required=True, help="PNG path")
+    parser.add_argument("--panel", action="append", metavar="X:Y1,Y2",
+                        help="x key and y keys of one subplot; repeatable (default: the TL;DR panels)")
+    parser.add_argument("--smooth", type=int, default=10, help="moving-average window of per-step series")
+    args = parser.parse_args(argv)
+    if any(":" not in p for p in args.panel or []):
+        grpo.fail("--panel takes X:Y1,Y2 (e.g. step:rewards/proxy,rewards/gold)")
+    panels = [(p.split(":", 1)[0], p.split(":", 1)[1].split(",")) for p in args.panel or []] or TLDR_PANELS
+    path = plot_runs(args.runs, args.out, panels, smooth=args.smooth)
+    print(path)
+    return path
+
+
 if __name__ == "__main__":
-    evaluate(grpo.parse_config(EvalConfig))
+    if sys.argv[1:2] == ["plot"]:
+        plot_main(sys.argv[2:])
+    else:
+        evaluate(grpo.parse_config(EvalConfig))

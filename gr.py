@@ -65,9 +65,8 @@ def gr_backward(model: nn.Module, closure, *, gamma: float, eps: float,
     if eps <= 0:
         raise ValueError(f"GR needs eps > 0, got {eps}")
     params = [p for p in model.parameters() if p.requires_grad]
-    perturbed = block_parameters(model) if perturbed is None else perturbed
-    in_block = {id(p) for p in perturbed}
-    is_block = [id(p) in in_block for p in params]
+    in_block = {id(p) for p in (block_parameters(model) if perturbed is None else perturbed)}
+    is_block = [id(p) in in_block for p in params]  # every list below follows `params`' order
 
     # g1 = ∇L(φ), clipped
     for p in params:
@@ -77,7 +76,7 @@ def gr_backward(model: nn.Module, closure, *, gamma: float, eps: float,
     g1_norm = clip_(g1, g1_clip)
 
     # φ' = φ + ε·g1 on the block parameters; keep an exact copy of φ to restore from
-    phi = [_local(p.detach()) for p in perturbed]
+    phi = [_local(p.detach()) for p, b in zip(params, is_block) if b]
     phi_saved = [t.clone() for t in phi]
     g1_block = [_local(g) for g, b in zip(g1, is_block) if b]
     torch._foreach_add_(phi, g1_block, alpha=eps)
