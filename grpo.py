@@ -317,18 +317,15 @@ def train_step(model, optimizer, batch: dict, *, reg: str, temperature: float, n
         optimizer.zero_grad(set_to_none=True)
         loss = closure()
     grad_norm = clip_([p.grad for p in params if p.grad is not None], max_grad_norm)
-    loss_value, grad_norm = torch.stack([loss.float(), grad_norm.float()]).tolist()
+    tokens = stats.pop("tokens")
+    sums = all_reduce_sum(torch.stack([loss.float(), tokens, *stats.values()]))  # global: every rank decides alike
+    loss_sum, tokens, *token_sums, grad_norm = torch.cat([sums, grad_norm.float().reshape(1)]).tolist()
+    loss_value = loss_sum / (dist.get_world_size() if is_distributed() else 1)
     if not (np.isfinite(loss_value) and np.isfinite(grad_norm)):
         raise FloatingPointError(f"step {step}: non-finite loss ({loss_value}) or gradient norm ({grad_norm}); stopping")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-    tokens = stats.pop("tokens")
-    sums = all_reduce_sum(torch.stack([loss.float(), tokens] + [stats[k] for k in stats]))
-    world = dist.get_world_size() if is_distributed() else 1
-    metrics.update(loss=sums[0].item() / world, grad_norm=grad_norm)
-    for i, k in enumerate(stats):
-        metrics[k] = (sums[2 + i] / sums[1]).item()
+    metrics.update(loss=loss_value, grad_norm=grad_norm, **{k: v / tokens for k, v in zip(stats, token_sums)})
     metrics.setdefault("g1_norm", grad_norm)  # pre-clip norm of the update's gradient, comparable across --reg
     return metrics
 
