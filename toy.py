@@ -233,18 +233,21 @@ def wait_or_build(build, marker: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- TL;DR toy (RLHF, train_tldr.py)
-# "Summarisation" of a post that mentions 4-6 topics 1-3 times each, in random order: an important topic is
-# mentioned more often, e.g. prompt "Summarize: owl cat owl egg cat owl" (owl 3, cat 2, egg 1), summary " cat owl".
-# The gold reward (the programmatic stand-in for the gold RM) is the importance (mention count) of the distinct
-# topics a summary names minus TLDR_WORD_COST per word, so repeats, unknown words and topics mentioned once cost
-# more than they bring: the best summary names exactly the topics mentioned >= 2 times, once each.
-# The dataset's reference summaries are noisy (a topic of importance w is named with probability TLDR_INCLUDE[w]),
-# so SFT on them leaves room for RL, and a proxy RM trained on a limited set of gold-labelled pairs is imperfect.
-# Summaries list topics in the fixed TLDR_WORDS order (a tiny model learns that within one SFT epoch; copying in
-# prompt order needs induction heads that it does not form in a few minutes of CPU).
+# "Summarisation" of a post that mentions 4-6 topics, e.g. prompt "Summarize: owl cat egg sun", summary " cat owl".
+# Readers care about some topics more than others: every topic has a fixed importance 1-3 (TLDR_IMPORTANCE,
+# known only to the gold reward). The gold reward (the programmatic stand-in for the gold RM) is the importance
+# of the distinct topics of the post that a summary names minus TLDR_WORD_COST per word, so repeats, topics that
+# are not in the post and topics of importance 1 cost more than they bring: the best summary names exactly the
+# post's topics of importance >= 2, once each. The dataset's reference summaries are noisy (a topic of importance
+# w is named with probability TLDR_INCLUDE[w]), so SFT on them leaves room for RL, and a proxy RM trained on a
+# limited number of gold-labelled pairs sampled from the SFT policy is imperfect: it has seen few summaries that
+# repeat or invent topics, and RL finds what it gets wrong. Summaries list topics in TLDR_WORDS order (a tiny
+# model learns that within one SFT epoch; copying in the post's order needs induction heads that it does not form
+# in a few CPU minutes).
 
 TLDR_WORDS = ["apple", "bread", "cat", "dog", "egg", "fish", "goat", "hat", "ice", "jam", "kite", "lamp",
               "milk", "nut", "owl", "pear", "rose", "sun", "tree", "van", "wolf", "yak", "zebra", "box"]
+TLDR_IMPORTANCE = {w: 1 + i % 3 for i, w in enumerate(TLDR_WORDS)}  # apple 1, bread 2, cat 3, dog 1, ...
 TLDR_WORD_COST = 1.5
 TLDR_INCLUDE = {3: 0.9, 2: 0.5, 1: 0.15}
 TLDR_NO_EOS_COST = 1.0  # a summary cut off at the length limit is scored as written, minus this
@@ -258,32 +261,27 @@ def tldr_paths(root: Path = ROOT) -> tuple[Path, Path, Path]:
 TLDR_TRAIN, TLDR_TEST, TLDR_BASE = tldr_paths()
 
 
-def tldr_importance(prompt: str) -> dict[str, int]:
-    """Topic -> mention count in a toy prompt (the words after "Summarize:")."""
-    counts: dict[str, int] = {}
-    for w in prompt.split("Summarize:", 1)[-1].split():
-        counts[w] = counts.get(w, 0) + 1
-    return counts
+def tldr_topics(prompt: str) -> set[str]:
+    """The topics of a toy post: the words after "Summarize:"."""
+    return set(prompt.split("Summarize:", 1)[-1].split())
 
 
 def tldr_gold_reward(prompt: str, completion: str, has_eos: bool = True) -> float:
-    """Σ importance of the distinct prompt topics named − TLDR_WORD_COST × words; cut-off summaries pay
+    """Σ importance of the distinct post topics named − TLDR_WORD_COST × words; cut-off summaries pay
     TLDR_NO_EOS_COST. Words are whitespace-separated, stripped of `.,;:`; a repeat counts once, costs every time."""
-    items = tldr_importance(prompt)
+    topics = tldr_topics(prompt)
     words = [w.strip(".,;:") for w in completion.split()]
-    gain = sum(items[w] for w in set(words) if w in items)
+    gain = sum(TLDR_IMPORTANCE[w] for w in set(words) if w in topics)
     return float(gain - TLDR_WORD_COST * len(words) - (0 if has_eos else TLDR_NO_EOS_COST))
 
 
 def tldr_row(rng: random.Random) -> dict:
-    """One row: prompt (4-6 topics, each mentioned 1-3 times, shuffled) and a noisy reference summary."""
-    words = rng.sample(TLDR_WORDS, rng.randint(4, 6))
-    counts = {w: rng.randint(1, 3) for w in words}
-    post = [w for w in words for _ in range(counts[w])]
-    rng.shuffle(post)
-    order = sorted(words, key=TLDR_WORDS.index)
-    summary = [w for w in order if rng.random() < TLDR_INCLUDE[counts[w]]] or [max(order, key=counts.get)]
-    return {"prompt": "Summarize: " + " ".join(post), "reference": " " + " ".join(summary)}  # leading space: TL;DR's
+    """One row: prompt (4-6 distinct topics in random order) and a noisy reference summary."""
+    topics = rng.sample(TLDR_WORDS, rng.randint(4, 6))
+    order = sorted(topics, key=TLDR_WORDS.index)
+    summary = ([w for w in order if rng.random() < TLDR_INCLUDE[TLDR_IMPORTANCE[w]]]
+               or [max(order, key=TLDR_IMPORTANCE.get)])
+    return {"prompt": "Summarize: " + " ".join(topics), "reference": " " + " ".join(summary)}  # " ": as TL;DR's
 
 
 def build_tldr_data(root: Path = ROOT, n_train: int = 24000, n_test: int = 256, seed: int = 0) -> None:
@@ -339,7 +337,7 @@ def build_tldr_base(root: Path = ROOT, *, n_train: int = 24000, n_test: int = 25
 
 
 if __name__ == "__main__":
-    builders = {"gsm8k": build_gsm8k_policy, "tldr": build_tldr_base}
+    builders = {"gsm8k": build_gsm8k_policy, "judge": build_gsm8k_judge, "tldr": build_tldr_base}
     if len(sys.argv) != 2 or sys.argv[1] not in builders:
         raise SystemExit(f"usage: python toy.py {{{'|'.join(builders)}}}")
     print(builders[sys.argv[1]]())

@@ -77,9 +77,11 @@ def main(cfg: Config):
         return judged + sum(terms[k] for k in FORMAT_TERMS), terms
 
     def evaluate(model, tokenizer, step):
-        acc = evaluation.pass_at_1(model, tokenizer, "gsm8k", test, system_prompt=system,
-                                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
-        return {"pass@1_greedy": evaluation.mean(acc)}
+        common = dict(system_prompt=system, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
+        greedy = evaluation.pass_at_1(model, tokenizer, "gsm8k", test, **common)
+        sampled = evaluation.pass_at_1(model, tokenizer, "gsm8k", test, temperature=cfg.temperature, seed=cfg.seed,
+                                       **common)
+        return {"pass@1_greedy": evaluation.mean(greedy), "pass@1_sampled": evaluation.mean(sampled)}
 
     return grpo.rl_train(cfg, train, make_prompt, score, evaluate)
 

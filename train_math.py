@@ -82,9 +82,11 @@ def main(cfg: Config):
         return sum(per_term[k] for k in keys), per_term
 
     def evaluate(model, tokenizer, step):
-        acc = evaluation.pass_at_1(model, tokenizer, cfg.task, test, system_prompt=system,
-                                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
-        return {"pass@1_greedy": evaluation.mean(acc)}
+        common = dict(system_prompt=system, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
+        greedy = evaluation.pass_at_1(model, tokenizer, cfg.task, test, **common)
+        sampled = evaluation.pass_at_1(model, tokenizer, cfg.task, test, temperature=cfg.temperature, seed=cfg.seed,
+                                       **common)
+        return {"pass@1_greedy": evaluation.mean(greedy), "pass@1_sampled": evaluation.mean(sampled)}
 
     return grpo.rl_train(cfg, train, make_prompt, score, evaluate)
 
