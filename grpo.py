@@ -278,7 +278,8 @@ def train_step(model, optimizer, batch: dict, *, reg: str, temperature: float, n
     """Phases 5-6 of an RL step: loss/backward (twice for GR), clip to `max_grad_norm`, optimizer step.
 
     batch (this rank's share): input_ids, attention_mask (N, P+T); completion_mask (N, T);
-    advantages (N,); ref_logp (N, T) when reg is kl/reset. Returns metrics averaged over ranks.
+    advantages (N,); ref_logp (N, T) when reg is kl/reset; optional init_logp (N, T) to log the KL to the
+    initial policy. Returns metrics averaged over ranks.
     Raises FloatingPointError (naming `step`) before the update if the loss or gradient is not finite.
     """
     if reg not in REGS:
@@ -303,6 +304,8 @@ def train_step(model, optimizer, batch: dict, *, reg: str, temperature: float, n
                 acc = {"tokens": m.sum(), "entropy": (entropy * m).sum()}
                 if "ref_logp" in mb:
                     acc["kl"] = (kl_per_token(logp.detach(), mb["ref_logp"], kl_estimator) * m).sum()
+                if "init_logp" in mb:  # KL to the initial policy, for every --reg (the paper's x-axis in Fig. 4)
+                    acc["kl_init"] = (kl_per_token(logp.detach(), mb["init_logp"], "k3") * m).sum()
                 for k, v in acc.items():
                     stats[k] = stats.get(k, 0) + v.float()
         return total
@@ -579,6 +582,8 @@ class RLConfig:
                 "resolution, and in bf16 the finite difference is rounding noise (benchmarks/gr_precision.py)",
         "choices": ("float32", "bfloat16")})
     grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing (long completions)"})
+    log_kl_init: bool = field(default=False, metadata={"help": "log kl_init, the k3 KL to the initial policy, every "
+                                                                "step (one more forward; free with --reg kl)"})
     eval_every: int = field(default=50, metadata={"help": "steps between evals (0 = only at the end)"})
     eval_limit: int = field(default=0, metadata={"help": "eval on the first N test rows (0 = all)"})
     save_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
@@ -638,6 +643,10 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
         ref_path = ckpt / "reference" if ckpt is not None and cfg.reg == "reset" else cfg.model
         ref = shard(load_model(ref_path, device, trust_remote_code=cfg.trust_remote_code))
         ref.requires_grad_(False)
+    init = None
+    if cfg.log_kl_init:
+        init = ref if cfg.reg == "kl" else shard(load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code))
+        init.requires_grad_(False)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     start = load_trainer_state(ckpt, policy, optimizer) if ckpt is not None else 0
     eos_ids = eos_token_ids(tokenizer, policy)
@@ -679,6 +688,10 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
         if ref is not None:
             with timer("reference"), autocast(device, cfg.update_dtype):  # same precision as π_φ in the KL
                 batch["ref_logp"] = reference_logprobs(ref, batch, cfg.temperature, cfg.micro_batch_size)
+        if init is not None:
+            with timer("reference"), autocast(device, cfg.update_dtype):
+                batch["init_logp"] = (batch["ref_logp"] if init is ref else
+                                      reference_logprobs(init, batch, cfg.temperature, cfg.micro_batch_size))
         # 5-6. loss/backward (twice with GR), clip to 1.0, optimizer step
         with timer("update"), autocast(device, cfg.update_dtype):
             stats = train_step(policy, optimizer, batch, reg=cfg.reg, temperature=cfg.temperature,

@@ -118,6 +118,7 @@ def supervised(model, tokenizer, prompts: list[str], completions: list[str], *, 
     import math
     from grpo import sft_batch, sft_loss
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = min(warmup, steps // 5)
     schedule = lambda s: min(1.0, (s + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * s / steps))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     rng = random.Random(seed)

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def small_toy(tmp_path_factory):
     """A smaller, faster-built version of the GSM8K toy (same code path as `--preset toy`)."""
     root = tmp_path_factory.mktemp("toy")
-    toy.build_gsm8k_policy(root, sft_steps=40, n_train=400, hidden=64, layers=2)
+    toy.build_gsm8k_policy(root, sft_steps=150, n_train=400, hidden=64, layers=2)
     return toy.gsm8k_paths(root)
 
 
@@ -42,10 +42,12 @@ def run_cli(args, **kw):
 
 @pytest.mark.parametrize("reg", grpo.REGS)
 def test_smoke_each_reg(small_toy, tmp_path, reg):
-    cfg = grpo.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--reg", reg), train_math.PRESETS)
+    cfg = grpo.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--reg", reg, "--log-kl-init"),
+                            train_math.PRESETS)
     final = train_math.main(cfg)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[0]["kl_init"] == 0 and rows[2]["kl_init"] > 0  # the first update starts at the initial policy
     for r in rows:
         assert {"reward", "rewards/correctness", "rewards/true_reward", "g1_norm", "entropy",
                 "completion_length", "clipped_ratio", "time/generate"} <= r.keys()
