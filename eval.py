@@ -288,9 +288,10 @@ def plot_runs(runs, out, panels: list[tuple[str, list[str]]], *, title: str | No
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (x, ys) in zip(axes.flat, panels):
-        for name, records in data.items():
-            for y in ys:
+        for k, (name, records) in enumerate(data.items()):
+            for j, y in enumerate(ys):  # one colour per run, one line style per key
                 pts = sorted((r[x], r[y]) for r in records if isinstance(r.get(x), (int, float))
                              and isinstance(r.get(y), (int, float)) and math.isfinite(r[y]))
                 if not pts:
@@ -300,7 +301,9 @@ def plot_runs(runs, out, panels: list[tuple[str, list[str]]], *, title: str | No
                     vs = [sum(vs[max(0, i - smooth + 1):i + 1]) / len(vs[max(0, i - smooth + 1):i + 1])
                           for i in range(len(vs))]
                 label = y if len(data) == 1 else f"{name}: {y}"
-                ax.plot(xs, vs, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+                color = colors[(j if len(data) == 1 else k) % len(colors)]
+                ax.plot(xs, vs, marker="o" if len(xs) < 30 else None, markersize=3, label=label, color=color,
+                        linestyle="-" if len(data) == 1 else ("-", "--", ":", "-.")[j % 4])
         ax.set_xlabel(x)
         ax.set_ylabel(", ".join(ys))
         ax.grid(alpha=0.3)

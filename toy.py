@@ -183,7 +183,7 @@ def judge_reply(correct: bool, well_formed: bool) -> str:
             f"</correctness_score>\n<coherence_score>\n{5 if well_formed else 2}\n</coherence_score>")
 
 
-def build_gsm8k_judge(root: Path = ROOT, *, n_train: int = 3000, sft_steps: int = 800, hidden: int = 128,
+def build_gsm8k_judge(root: Path = ROOT, *, n_train: int = 3000, sft_steps: int = 300, hidden: int = 128,
                       layers: int = 4, policy_kwargs: dict | None = None) -> Path:
     """A tiny LM taught to answer the paper's judge prompt (App. C.5) for completions sampled from the toy
     policy, labelled by the rule-based correctness. Small and briefly trained, so it is an imperfect,

@@ -1,0 +1,326 @@
+"""train_tldr.py (SFT -> RM -> RL, 1 process and torchrun) and eval.py's RLHF metrics, on a small TL;DR toy."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as evaluation
+import grpo
+import toy
+import train_tldr
+from rewards import bradley_terry_loss, rm_last_token_scores
+from tiny import VOCAB, rollout_batch, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def small_tldr(tmp_path_factory):
+    """A smaller version of the TL;DR toy (same builders as `--preset toy`): data, tokenizer, random-init base."""
+    root = tmp_path_factory.mktemp("tldr_toy")
+    toy.build_tldr_base(root, n_train=640, n_test=32, hidden=32, layers=2)
+    return toy.tldr_paths(root)
+
+
+def toy_args(small_tldr, out, *extra):
+    train, test, base = small_tldr
+    return ["--preset", "toy", "--model", str(base), "--dataset", str(train), "--test-dataset", str(test),
+            "--out-dir", str(out), "--sft-batch-size", "32", "--sft-epochs", "4", "--sft-lr", "1e-2",
+            "--rm-pairs", "160", "--rm-batch-size", "16",
+            "--steps", "3", "--prompts-per-step", "4", "--group-size", "4", "--eval-limit", "16",
+            "--eval-pairs", "8", "--eval-every", "2", "--save-every", "2", "--sharpness-perturbations", "3",
+            "--sharpness-prompts", "8", *extra]
+
+
+def run(small_tldr, out, *extra):
+    return train_tldr.main(grpo.parse_config(train_tldr.Config, toy_args(small_tldr, out, *extra), train_tldr.PRESETS))
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_cli(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def chain(small_tldr, tmp_path_factory):
+    """The whole chain, --stage all, one process, --reg none."""
+    out = tmp_path_factory.mktemp("chain")
+    return out, run(small_tldr, out, "--reg", "none")
+
+
+# ----------------------------------------------------------------------------- the chain
+
+def test_sft_stage_writes_a_loadable_policy(chain):
+    out, result = chain
+    from transformers import AutoModelForCausalLM
+    summary = json.loads((out / "sft" / "train_summary.json").read_text())
+    assert summary == result["results"]["sft"] and summary["steps"] == 4 * 640 // 32
+    assert math.isfinite(summary["final_loss"])
+    assert type(AutoModelForCausalLM.from_pretrained(out / "sft")).__name__ == "Qwen2ForCausalLM"
+    assert not list(out.glob("*.tmp"))  # atomic writes leave no temp dirs
+
+
+def test_rm_stage_reports_heldout_accuracy(chain):
+    out, result = chain
+    from transformers import AutoModelForSequenceClassification
+    summary = json.loads((out / "rm" / "train_summary.json").read_text())
+    assert summary == result["results"]["rm"]
+    assert 0 <= summary["heldout_accuracy"] <= 1 and summary["heldout_pairs"] > 0
+    assert summary["pairs_sampled"] == 160 == (summary["train_pairs"] + summary["heldout_pairs"]
+                                               + summary["gold_ties_dropped"] + summary["cut_off_dropped"])
+    pairs = [json.loads(line) for line in (out / "rm" / "pairs.jsonl").read_text().splitlines()]
+    assert sum(p["split"] == "heldout" for p in pairs) == summary["heldout_pairs"]
+    for p in pairs:  # chosen is the gold RM's preference
+        assert toy.tldr_gold_reward(p["prompt"], p["chosen"]) > toy.tldr_gold_reward(p["prompt"], p["rejected"])
+    rm = AutoModelForSequenceClassification.from_pretrained(out / "rm")
+    assert rm.config.num_labels == 1
+
+
+def test_rl_stage_logs_proxy_gold_and_rlhf_metrics(chain):
+    out, result = chain
+    rows = read_metrics(out / "rl-none")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert {"reward", "rewards/proxy", "rewards/gold", "rewards/true_reward", "grad_norm"} <= r.keys()
+        assert r["reward"] == pytest.approx(r["rewards/proxy"])  # the trained reward is the proxy
+    evals = [r for r in rows if "eval/win_rate" in r]
+    init = json.loads((out / "rl-none" / "eval_init.json").read_text())
+    assert [r["step"] for r in evals] == [1, 2] and init["step"] == 0 and init["eval/kl"] == 0
+    for r in evals + [init]:
+        assert 0 <= r["eval/win_rate"] <= 1 and 0 <= r["eval/bt_accuracy"] <= 1 and r["eval/sharpness"] >= 0
+        assert {"eval/gold", "eval/proxy", "eval/bt_loss", "eval/kl", "eval/sharpness_J"} <= r.keys()
+    assert result["results"]["rl"]["win_rate"] == evals[-1]["eval/win_rate"]
+    assert grpo.latest_checkpoint(out / "rl-none").name == "ckpt-000003"
+    assert (out / "rl-none" / "curves.png").stat().st_size > 0
+
+
+def test_rl_stage_alone_reuses_sft_and_rm(chain, small_tldr):
+    out, _ = chain
+    run(small_tldr, out, "--stage", "rl", "--reg", "gr", "--steps", "2", "--eval-every", "0")
+    rows = read_metrics(out / "rl-gr")
+    assert [r["step"] for r in rows] == [0, 1] and "g2_norm" in rows[0] and "eval/gold" in rows[-1]
+    cfg = json.loads((out / "rl-gr" / "config.json").read_text())
+    assert cfg["model"] == str(out / "sft") and cfg["gamma"] == 1e-2  # the RLHF default γ
+
+
+def test_resume_skips_finished_stages(chain, small_tldr):
+    out, _ = chain
+    before = {d: (out / d / "train_summary.json").read_text() for d in ("sft", "rm")}
+    result = run(small_tldr, out, "--reg", "none", "--resume")  # RL already at its last step: nothing to redo
+    assert result["results"].keys() == {"rl"} and [r["step"] for r in read_metrics(out / "rl-none")] == [0, 1, 2]
+    assert {d: (out / d / "train_summary.json").read_text() for d in ("sft", "rm")} == before
+
+
+def test_beta_default_depends_on_reg(small_tldr, tmp_path):
+    for reg, beta in (("kl", 0.05), ("reset", 0.3), ("none", 0.05)):
+        cfg = train_tldr.resolve(grpo.parse_config(train_tldr.Config, toy_args(small_tldr, tmp_path, "--reg", reg),
+                                                   train_tldr.PRESETS))
+        assert cfg.beta == beta
+    cfg = grpo.parse_config(train_tldr.Config, toy_args(small_tldr, tmp_path, "--reg", "reset", "--beta", "0.2"),
+                            train_tldr.PRESETS)
+    assert train_tldr.resolve(cfg).beta == 0.2
+
+
+def test_torchrun_two_processes_whole_chain(small_tldr, chain, tmp_path):
+    proc = run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                    "train_tldr.py", *toy_args(small_tldr, tmp_path, "--reg", "reset", "--reset-every", "2")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # SFT sees the same global batches as the 1-process chain: the same training up to float rounding
+    single, sharded = (json.loads((d / "sft" / "train_summary.json").read_text()) for d in (chain[0], tmp_path))
+    assert sharded["final_loss"] == pytest.approx(single["final_loss"], rel=1e-3)
+    assert 0 <= json.loads((tmp_path / "rm" / "train_summary.json").read_text())["heldout_accuracy"] <= 1
+    rows = read_metrics(tmp_path / "rl-reset")
+    assert [r["step"] for r in rows] == [0, 1, 2] and "eval/bt_loss" in rows[-1] and "kl" in rows[0]
+    assert (grpo.latest_checkpoint(tmp_path / "rl-reset") / "reference" / "model.safetensors").exists()
+
+
+def test_eval_cli_on_checkpoint_and_plot(chain, small_tldr, tmp_path):
+    out, _ = chain
+    _, test, _ = small_tldr
+    summary = evaluation.evaluate(evaluation.EvalConfig(
+        checkpoint=str(grpo.latest_checkpoint(out / "rl-none")), task="tldr", dataset=str(test), limit=12,
+        gold_rm="toy", proxy_rm=str(out / "rm"), reference_model=str(out / "sft"), max_new_tokens=16,
+        batch_size=32, sharpness_perturbations=2, out=str(tmp_path / "eval.json")))
+    assert json.loads((tmp_path / "eval.json").read_text()) == summary
+    assert summary["n"] == 12 and 0 <= summary["win_rate"] <= 1 and summary["grad_norm"] > 0
+    assert {"bt_loss", "bt_accuracy", "kl", "sharpness", "gold", "proxy"} <= summary.keys()
+    # the same metrics for the initial policy itself: KL exactly 0
+    init = train_tldr.evaluate_checkpoint(
+        str(out / "sft"), dataset=str(test), split="train", limit=8, gold_rm="toy", proxy_rm=str(out / "rm"),
+        reference_model=str(out / "sft"), max_new_tokens=16, temperature=0.7, batch_size=32, seed=0,
+        dtype="float32", sharpness_sigma=0.0, sharpness_perturbations=2, grad_norm=False)
+    assert init["kl"] == 0 and init["sharpness"] == 0  # σ = 0: J unchanged
+    png = tmp_path / "fig.png"
+    proc = run_cli([sys.executable, "eval.py", "plot", str(out / "rl-none"), str(out / "rl-none" / "metrics.jsonl"),
+                    "--out", str(png), "--panel", "step:rewards/proxy,rewards/gold", "--panel", "eval/kl:eval/gold"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_inputs_fail_fast_with_one_line(small_tldr, chain, tmp_path):
+    out, _ = chain
+    no_fields = tmp_path / "no_fields.jsonl"
+    no_fields.write_text(json.dumps({"prompt": "x", "summary": "y"}) + "\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cases = {
+        "no such directory": ["--model", str(tmp_path / "missing")],
+        "--gold-rm": ["--gold-rm", str(tmp_path / "no_gold")],
+        "has no reference field": ["--dataset", str(no_fields)],
+        "is empty": ["--dataset", str(empty)],
+        "run --stage sft first": ["--stage", "rm", "--sft-dir", str(tmp_path / "nothing")],
+        "run --stage rm first": ["--stage", "rl", "--sft-dir", str(out / "sft"), "--rm-dir", str(tmp_path / "x")],
+        "--reg gr needs --eps > 0": ["--reg", "gr", "--eps", "0"],
+    }
+    for expected, extra in cases.items():
+        with pytest.raises(SystemExit) as e:
+            run(small_tldr, tmp_path / "out", *extra)
+        message = str(e.value)
+        assert message.startswith("error:") and expected in message and "\n" not in message, (expected, message)
+        assert not (tmp_path / "out" / "sft").exists()  # failed before any work
+
+
+def test_non_finite_sft_loss_stops_with_step_number(small_tldr, tmp_path, monkeypatch):
+    sft_loss = grpo.sft_loss
+    monkeypatch.setattr(grpo, "sft_loss", lambda *args: sft_loss(*args) * float("nan"))
+    with pytest.raises(FloatingPointError, match="sft step 0: non-finite loss"):
+        run(small_tldr, tmp_path, "--stage", "sft")
+    assert not (tmp_path / "sft").exists()
+
+
+# ----------------------------------------------------------------------------- metric functions
+
+def naive_bt(chosen, rejected):
+    return sum(-math.log(1 / (1 + math.exp(-(c - r)))) for c, r in zip(chosen, rejected)) / len(chosen)
+
+
+def test_bradley_terry_loss_matches_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randn(7, generator=g) * 3, torch.randn(7, generator=g) * 3
+    assert bradley_terry_loss(chosen, rejected).item() == pytest.approx(naive_bt(chosen.tolist(), rejected.tolist()),
+                                                                        rel=1e-6)
+    assert bradley_terry_loss(torch.zeros(3), torch.zeros(3)).item() == pytest.approx(math.log(2))
+
+
+def test_bt_loss_on_policy_orients_by_gold_and_drops_ties():
+    proxy_a, proxy_b = [2.0, 0.5, 1.0, -1.0, 3.0], [1.0, 1.5, 1.0, 0.0, 3.0]
+    gold_a, gold_b = [1.0, 1.0, 0.0, 5.0, 2.0], [0.0, 0.0, 0.0, 1.0, 1.0]  # pair 2 is a gold tie
+    out = evaluation.bt_loss_on_policy(proxy_a, proxy_b, gold_a, gold_b)
+    chosen, rejected = [2.0, 0.5, -1.0, 3.0], [1.0, 1.5, 0.0, 3.0]  # gold prefers a in all kept pairs
+    assert out["bt_pairs"] == 4
+    assert out["bt_loss"] == pytest.approx(naive_bt(chosen, rejected), rel=1e-9)
+    assert out["bt_accuracy"] == pytest.approx((1 + 0 + 0 + 0.5) / 4)  # a proxy tie is half right
+    flipped = evaluation.bt_loss_on_policy(proxy_b, proxy_a, gold_b, gold_a)  # same pairs, other order
+    assert flipped == pytest.approx(out)
+    assert math.isnan(evaluation.bt_loss_on_policy([1.0], [2.0], [3.0], [3.0])["bt_loss"])
+
+
+def test_win_rate_known_answers():
+    assert evaluation.win_rate([3.0, 1.0, 2.0, 0.0], [1.0, 2.0, 2.0, -1.0]) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert evaluation.win_rate(torch.ones(5), torch.zeros(5)) == 1.0
+    assert evaluation.win_rate([0.0], [0.0]) == 0.5
+
+
+def test_kl_to_reference_sums_masked_tokens():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, -3.0], [-1.0, -0.5, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    assert evaluation.kl_to_reference(logp, ref, mask).tolist() == pytest.approx([0.5 - 1.0, 0.5])
+    assert evaluation.kl_to_reference(logp, logp, mask).abs().sum() == 0
+
+
+def test_sharpness_of_a_quadratic_has_known_value_and_restores_weights():
+    model = tiny_model(seed=0)
+    center = [p.detach().clone() for p in model.parameters()]
+
+    def objective():  # J = −‖φ − φ0‖², maximal at φ0
+        return -sum(((p - c) ** 2).sum() for p, c in zip(model.parameters(), center)).item()
+
+    assert evaluation.sharpness(model, objective, perturbations=4, sigma=0.0)["sharpness"] == 0.0
+    sigma = 1e-2
+    out = evaluation.sharpness(model, objective, perturbations=4, sigma=sigma, seed=3)
+    # ε = σ·rms(W)·z per tensor: E‖ε‖² = σ² Σ_W numel(W)·rms(W)² = σ²‖φ0‖², tightly concentrated
+    expected = sigma ** 2 * sum((c ** 2).sum().item() for c in center)
+    assert out["sharpness"] == pytest.approx(expected, rel=0.05) and out["J"] == 0.0
+    assert all(torch.equal(p, c) for p, c in zip(model.parameters(), center))
+
+
+def test_sharpness_of_sampled_generation_is_zero_at_scale_zero_and_positive_otherwise():
+    model = tiny_model(seed=0)
+    batch = rollout_batch(n=8, completion_len=1, group=4)
+    ids, mask = batch["input_ids"][:, :5], batch["attention_mask"][:, :5]
+
+    def sample():  # 6 tokens per prompt, fixed sampling draws
+        gen = torch.Generator().manual_seed(0)
+        return grpo.generate(model, ids, mask, max_new_tokens=6, eos_token_ids=[VOCAB + 1], pad_token_id=0,
+                             temperature=1.0, generator=gen)[0]
+
+    target = sample()
+
+    def objective():  # fraction of tokens equal to the unperturbed samples': maximal (1) at φ
+        return (sample() == target).float().mean().item()
+
+    assert evaluation.sharpness(model, objective, perturbations=3, sigma=0.0)["sharpness"] == 0.0
+    out = evaluation.sharpness(model, objective, perturbations=16, sigma=0.5)
+    assert out["J"] == 1.0 and 0 < out["sharpness"] <= 1
+
+
+def test_rm_train_scores_equal_rm_last_token_scores():
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+    torch.manual_seed(0)
+    rm = Qwen2ForSequenceClassification(Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                    num_labels=1, pad_token_id=0)).eval()
+    batch = rollout_batch(n=6, completion_len=5)
+    with torch.no_grad():
+        torch.testing.assert_close(train_tldr.rm_train_scores(rm, batch["input_ids"], batch["attention_mask"]),
+                                   rm_last_token_scores(rm, batch["input_ids"], batch["attention_mask"]))
+
+
+def test_gold_rm_from_a_hf_dir_scores_conversations_as_its_model_card(small_tldr, tmp_path):
+    """A real gold RM (here a tiny random one) scores the chat-template conversation, read at its last token."""
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+    _, _, base = small_tldr
+    tokenizer = grpo.load_tokenizer(str(base))
+    tokenizer.chat_template = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<|endoftext|>assistant:{% endif %}")
+    torch.manual_seed(0)
+    rm = Qwen2ForSequenceClassification(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                    num_labels=1, pad_token_id=tokenizer.pad_token_id)).eval()
+    rm.save_pretrained(tmp_path / "gold")
+    tokenizer.save_pretrained(tmp_path / "gold")
+    cfg = train_tldr.Config(gold_rm=str(tmp_path / "gold"), dtype="float32", gold_batch_size=2)
+    gold = train_tldr.make_gold(cfg, "cpu")
+    rows = [{"prompt": "Summarize: cat owl egg"}, {"prompt": "Summarize: dog sun pear hat jam"}, {"prompt": "x"}]
+    completions = [" cat owl", " dog", " a much longer summary of it"]
+    scores = gold(rows, completions, [True, False, True])  # the gold judges the text as written, EOS or not
+    for row, completion, score in zip(rows, completions, scores):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]},
+                                             {"role": "assistant", "content": completion}], return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        with torch.no_grad():
+            assert score.item() == pytest.approx(rm(ids).logits[0, 0].item(), abs=1e-5)
+
+
+def test_toy_gold_reward_known_values():
+    prompt = "Summarize: owl cat egg apple"
+    assert toy.tldr_topics(prompt) == {"owl", "cat", "egg", "apple"}
+    imp = toy.TLDR_IMPORTANCE
+    assert (imp["apple"], imp["bread"], imp["cat"], imp["egg"], imp["owl"]) == (1, 2, 3, 2, 3)
+    assert toy.tldr_gold_reward(prompt, " cat egg owl") == 3 + 2 + 3 - 3 * 1.5
+    assert toy.tldr_gold_reward(prompt, " apple cat") == 1 + 3 - 2 * 1.5
+    assert toy.tldr_gold_reward(prompt, " cat cat") == 3 - 2 * 1.5  # a repeat costs, gains nothing
+    assert toy.tldr_gold_reward(prompt, " cat bread") == 3 - 2 * 1.5  # a topic not in the post costs
+    assert toy.tldr_gold_reward(prompt, " cat owl", has_eos=False) == 6 - 3 - 1.0
+    assert toy.tldr_gold_reward(prompt, "") == 0
