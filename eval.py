@@ -259,17 +259,12 @@ def evaluate_tldr(cfg: EvalConfig) -> dict:
 # ----------------------------------------------------------------------------- curves from metrics.jsonl
 
 def load_metrics(run) -> list[dict]:
-    """Records of a metrics.jsonl file, or of a run dir: its `eval_init.json` (the initial policy's eval, step 0,
-    written by train_tldr.py) when present, then its metrics.jsonl."""
+    """Records of a metrics.jsonl file or of a run dir's metrics.jsonl (step -1: the initial policy's eval)."""
     path = Path(run)
-    records = []
-    if path.is_dir():
-        if (path / "eval_init.json").exists():
-            records.append(json.loads((path / "eval_init.json").read_text()))
-        path = path / "metrics.jsonl"
+    path = path / "metrics.jsonl" if path.is_dir() else path
     if not path.exists():
         grpo.fail(f"no metrics at {path}")
-    return records + [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # the paper's Fig. 3/4 quantities: proxy vs gold reward over steps, gold reward vs KL to the initial policy, ...

@@ -45,11 +45,17 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def clip_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Scale `grads` in place to global L2 norm ≤ max_norm (over all ranks); return the pre-clip norm."""
+def _global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of `grads` over all ranks."""
     norm = torch.nn.utils.get_total_norm(grads)
     if isinstance(norm, DTensor):  # partial per-rank norms -> all-reduced global norm
         norm = norm.full_tensor()
+    return norm
+
+
+def clip_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale `grads` in place to global L2 norm ≤ max_norm (over all ranks); return the pre-clip norm."""
+    norm = _global_norm(grads)
     torch._foreach_mul_([_local(g) for g in grads], torch.clamp(max_norm / (norm + 1e-6), max=1.0))
     return norm
 
@@ -81,18 +87,20 @@ def gr_backward(model: nn.Module, closure, *, gamma: float, eps: float,
     g1_block = [_local(g) for g, b in zip(g1, is_block) if b]
     torch._foreach_add_(phi, g1_block, alpha=eps)
 
-    # g2 = ∇L(φ') on the same actions, clipped
+    # g2 = ∇L(φ') on the same actions; then restore φ bit-exactly
     for p in params:
         p.grad = None
     closure()
     g2 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    g2_norm = clip_(g2, g2_clip)
     torch._foreach_copy_(phi, phi_saved)
+    del phi_saved
 
-    # grad = g1 + (γ/ε)(g2 − g1) on the blocks, g1 elsewhere (built in g1's buffers)
+    # grad = g1 + (γ/ε)(clip(g2) − g1) = lerp(g1, clip(g2), γ/ε) on the blocks, g1 elsewhere, built in g1's
+    # buffers. clip(g2) uses the norm of all of g2, but only its block part is needed, so only that is scaled.
+    g2_norm = _global_norm(g2)
     g2_block = [_local(g) for g, b in zip(g2, is_block) if b]
-    torch._foreach_sub_(g2_block, g1_block)
-    torch._foreach_add_(g1_block, g2_block, alpha=gamma / eps)
+    torch._foreach_mul_(g2_block, torch.clamp(g2_clip / (g2_norm + 1e-6), max=1.0))
+    torch._foreach_lerp_(g1_block, g2_block, gamma / eps)
     for p, g in zip(params, g1):
         p.grad = g
     g1_norm, g2_norm = torch.stack([g1_norm, g2_norm]).tolist()

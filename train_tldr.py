@@ -47,8 +47,8 @@ sequence KL to the initial (SFT) policy, sum over tokens of log π − log π_sf
 distributions tempered by T, as in training); sharpness S = max over 32 perturbations ε_i of J(φ) − J(φ+ε_i),
 J the mean proxy reward (with EOS penalty) of completions sampled at T with a fixed seed on fixed prompts, every
 weight tensor W perturbed by ε = σ·rms(W)·N(0, I), σ = --sharpness-sigma (default 0.02, i.e. 2% of each tensor's
-RMS; all parameters, embedding and head included). The initial policy's metrics go to OUT/rl-{reg}/eval_init.json
-(step 0 of the curves). Every RL step logs the proxy and gold reward of the training rollouts and the gradient norm.
+RMS; all parameters, embedding and head included). The initial policy's metrics are the first line of
+OUT/rl-{reg}/metrics.jsonl (step -1). Every RL step logs the proxy and gold reward of the training rollouts and the gradient norm.
 
 The offline toy (`--preset toy`, toy.py "TL;DR toy"): posts are lists of 4-6 topics, each topic has a hidden
 importance 1-3, the gold reward is the importance of the post's topics a summary names minus 1.5 per word; the
@@ -720,13 +720,6 @@ def run_rl(cfg: Config, train_rows: list[dict], test_rows: list[dict]) -> dict:
 
     out = Path(cfg.rl_dir)
     out.mkdir(parents=True, exist_ok=True)
-    init_path = out / "eval_init.json"
-    if not (cfg.resume and init_path.exists()):  # the SFT policy's metrics: step 0 of the curves
-        with grpo.autocast(device, cfg.dtype):
-            init = evaluator(init_model, tokenizer, 0)
-        if is_main():
-            init_path.write_text(json.dumps({"step": 0, **{f"eval/{k}": v for k, v in init.items()}}, indent=2))
-            print("eval at step 0 (SFT policy): " + " ".join(f"{k}={v:.4g}" for k, v in init.items()), flush=True)
     t0 = time.time()
     last = grpo.rl_train(rl_cfg, train_rows, messages, score, evaluator)
     if is_main():

@@ -42,8 +42,9 @@ def run(small_tldr, out, *extra):
     return train_tldr.main(grpo.parse_config(train_tldr.Config, toy_args(small_tldr, out, *extra), train_tldr.PRESETS))
 
 
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+def read_metrics(run_dir, with_initial_eval=False):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return rows if with_initial_eval else [r for r in rows if r["step"] >= 0]
 
 
 def run_cli(args):
@@ -88,14 +89,13 @@ def test_rm_stage_reports_heldout_accuracy(chain):
 
 def test_rl_stage_logs_proxy_gold_and_rlhf_metrics(chain):
     out, result = chain
-    rows = read_metrics(out / "rl-none")
-    assert [r["step"] for r in rows] == [0, 1, 2]
+    init, *rows = read_metrics(out / "rl-none", with_initial_eval=True)
+    assert [r["step"] for r in rows] == [0, 1, 2] and init["step"] == -1
     for r in rows:
         assert {"reward", "rewards/proxy", "rewards/gold", "rewards/true_reward", "grad_norm"} <= r.keys()
         assert r["reward"] == pytest.approx(r["rewards/proxy"])  # the trained reward is the proxy
     evals = [r for r in rows if "eval/win_rate" in r]
-    init = json.loads((out / "rl-none" / "eval_init.json").read_text())
-    assert [r["step"] for r in evals] == [1, 2] and init["step"] == 0 and init["eval/kl"] == 0
+    assert [r["step"] for r in evals] == [1, 2] and init["eval/kl"] == 0
     for r in evals + [init]:
         assert 0 <= r["eval/win_rate"] <= 1 and 0 <= r["eval/bt_accuracy"] <= 1 and r["eval/sharpness"] >= 0
         assert {"eval/gold", "eval/proxy", "eval/bt_loss", "eval/kl", "eval/sharpness_J"} <= r.keys()

@@ -40,8 +40,8 @@ def test_smoke_logs_judge_and_true_reward(small_judge_toy, tmp_path):
     cfg = grpo.parse_config(train_judge.Config, judge_args(small_judge_toy, tmp_path, "--reg", "gr"),
                             train_judge.PRESETS)
     train_judge.main(cfg)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1]
+    init, *rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert init["step"] == -1 and [r["step"] for r in rows] == [0, 1]
     for r in rows:
         assert {"rewards/judge_correctness", "rewards/true_reward", "rewards/judge_failure_rate",
                 "rewards/strict_format", "g1_norm", "g2_norm"} <= r.keys()

@@ -32,7 +32,10 @@ def toy_args(small_toy, out, *extra):
 
 
 def read_metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    """Training steps; the first line (step -1) is the initial policy's eval."""
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == -1 and "eval/pass@1_greedy" in rows[0]
+    return rows[1:]
 
 
 def run_cli(args, **kw):
