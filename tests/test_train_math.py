@@ -114,3 +114,27 @@ def test_bad_inputs_fail_fast_with_one_line(small_toy, tmp_path):
         assert proc.returncode == 1, (expected, proc.stderr[-2000:])
         assert expected in lines[-1] and lines[-1].startswith("error:") and "Traceback" not in proc.stderr, lines
         assert not (tmp_path / "out" / "metrics.jsonl").exists()  # failed before any work
+
+
+def test_math_task_and_quintiles(small_toy, tmp_path):
+    """--task math end to end on MATH-schema rows (math-verify rewards), then eval.py's Table-4 quintiles."""
+    rows = [{"problem": f"What is {a} + {b}?", "solution": f"{a} + {b} = \\boxed{{{a + b}}}",
+             "level": f"Level {1 + a % 5}", "type": ("Algebra", "Prealgebra")[b % 2]} for a in range(1, 7) for b in (2, 3)]
+    rows.append({"problem": "Unparsable gold", "solution": "no boxed answer", "level": "Level 1", "type": "Algebra"})
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, _, policy = small_toy
+    args = ["--task", "math", "--model", str(policy), "--dataset", str(data), "--out-dir", str(tmp_path / "run"),
+            "--steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "16", "--eval-limit", "6",
+            "--save-every", "2", "--system-prompt", "", "--max-prompt-tokens", "256"]
+    train_math.main(grpo.parse_config(train_math.Config, args))
+    metrics = read_metrics(tmp_path / "run")
+    assert {"rewards/correctness", "rewards/reasoning_steps", "rewards/true_reward"} <= metrics[0].keys()
+    common = dict(task="math", dataset=str(data), max_new_tokens=16, system_prompt="")
+    base = evaluation.evaluate(evaluation.EvalConfig(checkpoint=str(policy), out=str(tmp_path / "base.json"), **common))
+    assert base["skipped_unparsable_gold"] == 1 and base["n"] == len(rows) - 1
+    assert set(base["per_category"]) == {f"{t}|Level {k}" for t in ("Algebra", "Prealgebra") for k in range(1, 6)}
+    after = evaluation.evaluate(evaluation.EvalConfig(checkpoint=str(grpo.latest_checkpoint(tmp_path / "run")),
+                                                      base_results=str(tmp_path / "base.json"), **common))
+    assert set(after["quintiles"]) == set(evaluation.QUINTILES)
+    assert sum(q["n"] for q in after["quintiles"].values()) == len(rows) - 1
