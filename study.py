@@ -1,7 +1,7 @@
 """Reward hacking you can watch on a laptop: --reg none vs kl vs reset vs gr on the offline toys (paper §4-5).
 
-    python study.py                                   # both toys, sweep + second seed, ≈ 30 min on 2 cores
-    python study.py --tasks judge --seeds 1 --steps 40
+    python study.py                                   # both toys, sweep + a second seed
+    python study.py --seeds 1                         # the sweep only: 20 min on 2 cores (measured)
 
 Two imperfect proxies, as in the paper: the toy LLM judge of train_judge.py (a 0.85M-param LM taught the App. C.5
 format; the rule-based correctness is the true reward) and the toy reward model of train_tldr.py (a tiny RM
@@ -30,11 +30,11 @@ import grpo
 ROOT = Path(__file__).resolve().parent
 TASKS = {
     "judge": dict(script="train_judge.py", args=["--preset", "toy", "--log-kl-init"],
-                  proxy="rewards/judge_correctness", true="rewards/true_reward", kl="kl_init", lr=1e-4),
+                  proxy="rewards/judge_correctness", true="rewards/true_reward", kl="kl_init", lr=1e-4, steps=30),
     # the RL stage against the toy's SFT policy and proxy RM (built once by `prepare`), sharpness off for speed
     "rm": dict(script="train_tldr.py", args=["--preset", "toy", "--stage", "rl", "--log-kl-init",
                                              "--sharpness-perturbations", "0"],
-               proxy="rewards/proxy", true="rewards/gold", kl="kl_init", lr=1e-4),
+               proxy="rewards/proxy", true="rewards/gold", kl="kl_init", lr=1e-4, steps=100),
 }
 BETAS = {"kl": (0.05, 0.2), "reset": (0.3,)}
 GAMMAS = (1e-3, 1e-2, 1e-1)
@@ -45,7 +45,7 @@ class StudyConfig:
     """Run --reg none|kl|reset|gr on the toy judge and toy RM tasks and tabulate reward hacking."""
     tasks: str = field(default="judge,rm", metadata={"help": "comma-separated: judge, rm"})
     seeds: int = field(default=2, metadata={"help": "seeds (seed 0 carries the β/γ sweep)"})
-    steps: int = field(default=80, metadata={"help": "RL steps of every run"})
+    steps: int = field(default=0, metadata={"help": "RL steps of every run (0 = per task: judge 30, rm 100)"})
     reset_every: int = field(default=20, metadata={"help": "R for --reg reset (scaled down from the paper's 200)"})
     parallel: int = field(default=2, metadata={"help": "runs at a time (one thread each)"})
     out_dir: str = field(default="runs/study", metadata={"help": "where runs, table and plots go"})
@@ -74,8 +74,9 @@ def run_one(cfg: StudyConfig, task: str, name: str, flags: list[str], seed: int)
     if "--lr-scale" in flags:  # half the task's learning rate
         i = flags.index("--lr-scale")
         flags = flags[:i] + ["--lr", str(spec["lr"] * float(flags[i + 1]))] + flags[i + 2:]
-    cmd = [sys.executable, spec["script"], *spec["args"], *flags, "--seed", str(seed), "--steps", str(cfg.steps),
-           "--reset-every", str(cfg.reset_every), "--eval-every", str(cfg.steps), "--save-every", str(cfg.steps),
+    steps = cfg.steps or spec["steps"]
+    cmd = [sys.executable, spec["script"], *spec["args"], *flags, "--seed", str(seed), "--steps", str(steps),
+           "--reset-every", str(cfg.reset_every), "--eval-every", str(steps), "--save-every", str(steps),
            *(["--out-dir", str(out)] if task != "rm" else []), *cfg.extra.split()]
     if spec["lr"] is not None and "--lr" not in flags:
         cmd += ["--lr", str(spec["lr"])]
@@ -134,7 +135,7 @@ def main(cfg: StudyConfig):
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         grpo.fail(f"--tasks: unknown {unknown}; choose from {list(TASKS)}")
-    report = [f"# Reward-hacking study ({cfg.steps} steps per run)\n"]
+    report = ["# Reward-hacking study\n"]
     for task in tasks:
         spec = TASKS[task]
         if cfg.prepare:
@@ -154,10 +155,11 @@ def main(cfg: StudyConfig):
             for (name, _), f in later.items():
                 runs[name].append(f.result())
         results = {name: [summarize(r, spec) for r in rs] for name, rs in runs.items()}
-        report += [f"## {task}: proxy `{spec['proxy']}`, true `{spec['true']}`\n",
-                   "Seed-0 sweep (all regimes, one seed each), then the chosen β/γ with every seed:\n",
-                   table({n: results[n][:1] for n in results}), "",
-                   table({n: results[n] for n in results if len(results[n]) > 1 or cfg.seeds == 1}), ""]
+        report += [f"## {task}: proxy `{spec['proxy']}`, true `{spec['true']}`, {cfg.steps or spec['steps']} steps\n",
+                   "Seed-0 sweep (every regime, one seed each):\n", table({n: results[n][:1] for n in results}), ""]
+        if cfg.seeds > 1:
+            report += [f"The chosen β/γ on {cfg.seeds} seeds (mean ± half-range):\n",
+                       table({n: results[n] for n in results if len(results[n]) > 1}), ""]
         chosen = [runs[n][0] for n in ("none", "none-half-lr", best["kl"], best["reset"], best["gr"])]
         base = Path(cfg.out_dir) / task
         plot_runs(chosen, base / "curves.png", [("step", [spec["proxy"], spec["true"]]), ("step", ["g1_norm"])],
