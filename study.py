@@ -1,7 +1,7 @@
 """Reward hacking you can watch on a laptop: --reg none vs kl vs reset vs gr on the offline toys (paper §4-5).
 
     python study.py                                   # both toys, sweep + a second seed
-    python study.py --seeds 1                         # the sweep only: 20 min on 2 cores (measured)
+    python study.py --seeds 1                         # the sweep only: ≈ 19 min on 2 cores (measured)
 
 Two imperfect proxies, as in the paper: the toy LLM judge of train_judge.py (a 0.85M-param LM taught the App. C.5
 format; the rule-based correctness is the true reward) and the toy reward model of train_tldr.py (a tiny RM
