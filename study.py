@@ -1,7 +1,7 @@
 """Reward hacking you can watch on a laptop: --reg none vs kl vs reset vs gr on the offline toys (paper §4-5).
 
-    python study.py                                   # both toys, sweep + a second seed
-    python study.py --seeds 1                         # the sweep only: ≈ 19 min on 2 cores (measured)
+    python study.py                                   # both toys, the sweep on one seed: ≈ 19 min on 2 cores
+    python study.py --seeds 3                         # then the chosen β/γ on two more seeds (seed spread)
 
 Two imperfect proxies, as in the paper: the toy LLM judge of train_judge.py (a 0.85M-param LM taught the App. C.5
 format; the rule-based correctness is the true reward) and the toy reward model of train_tldr.py (a tiny RM
@@ -44,7 +44,7 @@ GAMMAS = (1e-3, 1e-2, 1e-1)
 class StudyConfig:
     """Run --reg none|kl|reset|gr on the toy judge and toy RM tasks and tabulate reward hacking."""
     tasks: str = field(default="judge,rm", metadata={"help": "comma-separated: judge, rm"})
-    seeds: int = field(default=2, metadata={"help": "seeds (seed 0 carries the β/γ sweep)"})
+    seeds: int = field(default=1, metadata={"help": "seeds (seed 0 carries the β/γ sweep)"})
     steps: int = field(default=0, metadata={"help": "RL steps of every run (0 = per task: judge 30, rm 100)"})
     reset_every: int = field(default=20, metadata={"help": "R for --reg reset (scaled down from the paper's 200)"})
     parallel: int = field(default=2, metadata={"help": "runs at a time (one thread each)"})
