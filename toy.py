@@ -59,17 +59,24 @@ def word_problem(rng: random.Random) -> dict:
     return {"question": q, "answer": f"{name} works it out: <<{calc}>>{n}.\n#### {n}", "work": work}
 
 
-def build_gsm8k_data(root: Path = ROOT, n_train: int = 4000, n_test: int = 200, seed: int = 0) -> None:
+def write_splits(make_row, key: str, paths: tuple[Path, Path], n_train: int, n_test: int, seed: int,
+                 fields: tuple[str, ...] | None = None) -> None:
+    """Sample rows with distinct `key` (train and test share none) and write train/test jsonl atomically."""
     rng, seen, rows = random.Random(seed), set(), []
     while len(rows) < n_train + n_test:
-        row = word_problem(rng)
-        if row["question"] not in seen:  # train and test share no question
-            seen.add(row["question"])
-            rows.append(row)
-    root.mkdir(parents=True, exist_ok=True)
-    train, test, _ = gsm8k_paths(root)
-    for path, part in ((train, rows[:n_train]), (test, rows[n_train:])):
-        path.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in part))
+        row = make_row(rng)
+        if row[key] not in seen:
+            seen.add(row[key])
+            rows.append({k: row[k] for k in fields} if fields else row)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for path, part in zip(paths, (rows[:n_train], rows[n_train:])):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in part))
+        os.replace(tmp, path)
+
+
+def build_gsm8k_data(root: Path = ROOT, n_train: int = 4000, n_test: int = 200, seed: int = 0) -> None:
+    write_splits(word_problem, "question", gsm8k_paths(root)[:2], n_train, n_test, seed, ("question", "answer"))
 
 
 def sft_completion(row: dict, rng: random.Random) -> str:
@@ -286,18 +293,7 @@ def tldr_row(rng: random.Random) -> dict:
 
 
 def build_tldr_data(root: Path = ROOT, n_train: int = 24000, n_test: int = 256, seed: int = 0) -> None:
-    rng, seen, rows = random.Random(seed), set(), []
-    while len(rows) < n_train + n_test:
-        row = tldr_row(rng)
-        if row["prompt"] not in seen:  # train and test share no prompt
-            seen.add(row["prompt"])
-            rows.append(row)
-    root.mkdir(parents=True, exist_ok=True)
-    train, test, _ = tldr_paths(root)
-    for path, part in ((train, rows[:n_train]), (test, rows[n_train:])):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in part))
-        os.replace(tmp, path)
+    write_splits(tldr_row, "prompt", tldr_paths(root)[:2], n_train, n_test, seed)
 
 
 def build_tldr_tokenizer(texts: list[str], vocab_size: int = 400):
