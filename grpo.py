@@ -616,8 +616,8 @@ class RLConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model repos to run their own code"})
 
 
-def validate(cfg: RLConfig) -> None:
-    """Cheap checks of the flags, before anything is loaded."""
+def validate(cfg: RLConfig, check_model: bool = True) -> None:
+    """Cheap checks of the flags, before anything is loaded (`check_model=False` when the caller builds it)."""
     if cfg.reg == "gr" and cfg.eps <= 0:
         fail(f"--reg gr needs --eps > 0 (got {cfg.eps}): the finite difference divides by ε")
     if cfg.reg in ("kl", "reset") and cfg.beta <= 0:
@@ -633,7 +633,8 @@ def validate(cfg: RLConfig) -> None:
         cfg.lr = 5e-6 if cfg.reg == "gr" else 3e-6  # paper Tables 5, 8, 9
     if cfg.dtype == "auto":
         cfg.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    check_model_path(cfg.model)
+    if check_model:
+        check_model_path(cfg.model)
 
 
 def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None) -> dict:

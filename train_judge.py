@@ -46,9 +46,11 @@ FORMAT_TERMS = ("int_format", "strict_format", "soft_format", "xml_count")
 
 
 def main(cfg: Config):
-    grpo.validate(cfg)
-    grpo.check_model_path(cfg.judge, "--judge")
-    if cfg.model == str(toy.GSM8K_POLICY) or cfg.judge == str(toy.judge_path()):
+    toy_models = {str(toy.GSM8K_POLICY), str(toy.judge_path())}
+    grpo.validate(cfg, check_model=cfg.model not in toy_models)
+    if cfg.judge not in toy_models:
+        grpo.check_model_path(cfg.judge, "--judge")
+    if cfg.model in toy_models or cfg.judge in toy_models:  # built on first use, after the flags are checked
         toy.wait_or_build(toy.build_gsm8k_judge, toy.judge_path() / "model.safetensors")
     train = grpo.load_rows(cfg.dataset, "train", ("question", "answer"), "main")
     test = grpo.load_rows(cfg.test_dataset or cfg.dataset, "test", ("question", "answer"), "main")

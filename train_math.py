@@ -60,8 +60,9 @@ def load_task(cfg: Config):
 
 
 def main(cfg: Config):
-    grpo.validate(cfg)
-    if cfg.model == str(toy.GSM8K_POLICY):
+    toy_policy = cfg.model == str(toy.GSM8K_POLICY)
+    grpo.validate(cfg, check_model=not toy_policy)
+    if toy_policy:  # built on first use, after the flags are checked
         toy.wait_or_build(toy.build_gsm8k_policy, toy.GSM8K_POLICY / "model.safetensors")
     train, test = load_task(cfg)
     test = test[:cfg.eval_limit] if cfg.eval_limit else test
