@@ -1,23 +1,24 @@
-"""The paper's metrics for any checkpoint dir (or hub id).
+"""The paper's metrics, for any checkpoint dir (or hub id) and as the RL loops' periodic eval. Every metric lives here.
 
-Reasoning (§5.2-5.3): pass@1 on the GSM8K / MATH test split, greedy and sampled (mean over k samples per
-problem at the training temperature); MATH accuracy per difficulty quintile (Table 4), where each
-(type, level) category is placed in a quintile by the *base* model's accuracy on it, read from the JSON
-that this script wrote for the base model (`--base-results`).
+Reasoning (§5.2-5.3): pass@1 on the GSM8K / MATH test split, greedy and sampled (mean over k samples per problem at
+the training temperature); MATH accuracy per difficulty quintile (Table 4), where each (type, level) category is
+placed in a quintile by the *base* model's accuracy on it, read from the JSON this script wrote for the base model.
+
+RLHF (§4-5.1, `--task tldr`): win rate of greedy completions vs the dataset's reference judged by the gold RM; gold
+and proxy reward; Bradley-Terry loss / accuracy of the proxy RM on pairs sampled from the policy and labelled by the
+gold RM; KL to the initial policy (Σ_t log π − log π_init over sampled completions, both tempered by T as in
+training); sharpness S = max_i J(φ) − J(φ + ε_i) over random perturbations, J the mean proxy reward of completions
+sampled at T with fixed draws on fixed prompts, every weight tensor W perturbed by ε = σ·rms(W)·N(0, I) (σ =
+--sharpness-sigma, default 0.02); and the policy-gradient norm.
 
     python eval.py --checkpoint runs/math/ckpt-000500 --task gsm8k --samples 4 --out runs/math/eval.json
     torchrun --nproc_per_node=8 eval.py --checkpoint Qwen/Qwen2.5-1.5B-Instruct --task math --out base.json
     python eval.py --checkpoint runs/math_gr/ckpt-001000 --task math --base-results base.json
-
-RLHF (§4-5.1, `--task tldr`): win rate vs the reference completion judged by the gold RM, BT loss / accuracy of the
-proxy RM on gold-labelled pairs sampled from the policy, KL to the initial policy, sharpness and gradient norm
-(definitions and scales: train_tldr.py's docstring).
-
-    python eval.py --task tldr --checkpoint runs/tldr/rl-gr/ckpt-001000 --proxy-rm runs/tldr/rm \
-        --reference-model runs/tldr/sft --max-new-tokens 106 --limit 512 --out runs/tldr/rl-gr/eval.json
-    python eval.py --task tldr --checkpoint runs/toy_tldr/rl-gr/ckpt-000150 --dataset .cache/toy/tldr_test.jsonl \
+    python eval.py --task tldr --checkpoint runs/tldr/rl-gr/ckpt-001000 --proxy-rm runs/tldr/rm \\
+        --reference-model runs/tldr/sft --limit 512 --out runs/tldr/rl-gr/eval.json
+    python eval.py --task tldr --checkpoint runs/toy_tldr/rl-gr/ckpt-000150 --dataset .cache/toy/tldr_test.jsonl \\
         --gold-rm toy --proxy-rm runs/toy_tldr/rm --reference-model runs/toy_tldr/sft --max-new-tokens 16
-    python eval.py plot runs/toy_tldr/rl-none runs/toy_tldr/rl-gr --out fig.png \
+    python eval.py plot runs/toy_tldr/rl-none runs/toy_tldr/rl-gr --out fig.png \\
         --panel step:rewards/proxy,rewards/gold --panel eval/kl:eval/gold     # metrics.jsonl curves -> PNG
 
 Writes a JSON summary (also printed). Under torchrun the problems are split across ranks.
@@ -29,31 +30,37 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import grpo
-from rewards import (QWEN_SYSTEM_PROMPT, gsm8k_gold, gsm8k_messages, gsm8k_rewards, math_messages, math_rewards_batch,
-                     render_chat)
+import toy
+from rewards import (QWEN_SYSTEM_PROMPT, bradley_terry_loss, gsm8k_gold, gsm8k_messages, gsm8k_rewards,
+                     math_messages, math_rewards_batch, render_chat, rm_scores, rm_scores_from_ids)
 
 TASKS = {"gsm8k": ("openai/gsm8k", "main", ("question", "answer")),
          "math": ("DigitalLearningGmbH/MATH-lighteval", None, ("problem", "solution", "level", "type")),
-         "tldr": ("trl-lib/tldr", None, ("prompt", "completion"))}  # fields: see train_tldr.load_split
+         "tldr": ("trl-lib/tldr", None, ())}  # fields: load_tldr_rows
+MAX_NEW_TOKENS = {"gsm8k": 768, "math": 1024, "tldr": 106}  # the paper's output lengths (Tables 5, 8, 9)
 QUINTILES = ("00-20%", "20-40%", "40-60%", "60-80%", ">80%")
+TLDR_PROMPT_FIELDS, TLDR_REFERENCE_FIELDS = ("prompt", "query"), ("reference", "completion", "reference_response")
+TOY_GOLD = "toy"
 
 
 @dataclass
 class EvalConfig:
-    """Evaluate a checkpoint on GSM8K or MATH: pass@1 greedy and sampled, MATH per-quintile accuracy."""
+    """Evaluate a checkpoint: GSM8K / MATH pass@1 (greedy, sampled) and MATH quintiles, or the TL;DR RLHF metrics."""
     checkpoint: str = field(default="Qwen/Qwen2.5-0.5B-Instruct", metadata={"help": "HF dir or hub id"})
     task: str = field(default="gsm8k", metadata={"help": "benchmark", "choices": tuple(TASKS)})
     dataset: str = field(default=None, metadata={"type": str, "help": "hub id or local file (default: the task's)"})
     split: str = field(default="test", metadata={"help": "split of a hub dataset"})
     limit: int = field(default=0, metadata={"help": "first N problems only (0 = all)"})
     samples: int = field(default=0, metadata={"help": "k samples per problem for sampled pass@1 (0 = greedy only)"})
-    temperature: float = field(default=0.7, metadata={"help": "temperature of the sampled pass@1"})
-    max_new_tokens: int = field(default=768, metadata={"help": "completion length (GSM8K 768, MATH 1024)"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (sampled pass@1, tldr samples)"})
+    max_new_tokens: int = field(default=None, metadata={"type": int, "help": "completion length; default per task: "
+                                                        + ", ".join(f"{k} {v}" for k, v in MAX_NEW_TOKENS.items())})
     batch_size: int = field(default=64, metadata={"help": "prompts per generate call on one rank"})
     system_prompt: str = field(default=QWEN_SYSTEM_PROMPT, metadata={"help": "system prompt ('' for none)"})
     base_results: str = field(default=None, metadata={"type": str, "help": "base model's eval JSON (MATH quintiles)"})
@@ -62,12 +69,17 @@ class EvalConfig:
     dtype: str = field(default="auto", metadata={"help": "compute dtype", "choices": ("auto", "float32", "bfloat16")})
     # --task tldr (RLHF)
     gold_rm: str = field(default="Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",
-                         metadata={"help": "tldr: gold RM (hub id, dir, or 'toy')"})
+                         metadata={"help": f"tldr: gold RM (hub id, dir, or '{TOY_GOLD}')"})
     proxy_rm: str = field(default=None, metadata={"type": str, "help": "tldr: the proxy RM dir RL trained against"})
     reference_model: str = field(default=None, metadata={"type": str, "help": "tldr: initial (SFT) policy for the KL"})
+    eval_pairs: int = field(default=128, metadata={"help": "tldr: prompts sampled twice for the BT loss and KL"})
     sharpness_sigma: float = field(default=0.02, metadata={"help": "tldr: perturbation std / each tensor's RMS"})
     sharpness_perturbations: int = field(default=32, metadata={"help": "tldr: random perturbations (0 = skip)"})
+    sharpness_prompts: int = field(default=64, metadata={"help": "tldr: prompts of the sharpness objective J"})
+    eos_penalty: float = field(default=-1.0, metadata={"help": "tldr: proxy reward of a completion without EOS"})
 
+
+# ----------------------------------------------------------------------------- reasoning: GSM8K, MATH
 
 def prompt_messages(task: str, row: dict, system_prompt: str | None) -> list[dict]:
     if task == "gsm8k":
@@ -85,37 +97,23 @@ def grade(task: str, rows: list[dict], completions: list[str]) -> list[float | N
 
 def pass_at_1(model, tokenizer, task: str, rows: list[dict], *, system_prompt: str | None, max_new_tokens: int,
               batch_size: int, temperature: float = 0.0, samples: int = 1, seed: int = 0) -> list[float | None]:
-    """Per-problem accuracy (mean over `samples` completions; greedy when temperature is 0), all ranks'
-    problems gathered in order. Every rank must call this (generation runs in lockstep under FSDP2)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if grpo.is_distributed() else (0, 1)
+    """Per-problem accuracy (mean over `samples` completions; greedy when temperature is 0), all ranks' problems
+    gathered in order. Every rank must call this."""
+    rank, world = grpo.rank_and_world()
     mine = grpo.shard_list(list(range(len(rows))), rank, world)
-    device = next(model.parameters()).device
     prompts = [render_chat(tokenizer, prompt_messages(task, rows[i], system_prompt)) for i in mine]
-    eos = grpo.eos_token_ids(tokenizer, model)
-    scores = torch.zeros(len(mine), dtype=torch.float64)
-    valid = torch.ones(len(mine), dtype=torch.bool)
+    scores, valid = torch.zeros(len(mine), dtype=torch.float64), torch.ones(len(mine), dtype=torch.bool)
     for k in range(samples):
-        generator = grpo.step_generator(seed, k, rank, device)
-        texts = []
-        for i in tqdm(range(0, len(prompts), batch_size), desc=f"eval {task} {k + 1}/{samples}", disable=rank != 0,
-                      leave=False):
-            texts += grpo.generate_texts(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
-                                         temperature=temperature, eos_ids=eos, batch_size=batch_size,
-                                         generator=generator)[0]
+        generator = grpo.step_generator(seed, k, rank, next(model.parameters()).device)
+        batches = grpo.rollouts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                batch_size=batch_size, generator=generator)
+        texts = [t for b in tqdm(batches, desc=f"eval {task} {k + 1}/{samples}", total=-(-len(prompts) // batch_size),
+                                 disable=rank != 0, leave=False) for t in b["texts"]]
         for j, g in enumerate(grade(task, [rows[i] for i in mine], texts)):
-            if g is None:
-                valid[j] = False
-            else:
-                scores[j] += g / samples
-    gathered = torch.stack([torch.tensor(mine, dtype=torch.float64), scores, valid.double()])
-    if world > 1:
-        parts = [torch.zeros_like(gathered) for _ in range(world)]
-        dist.all_gather(parts, gathered)
-        gathered = torch.cat(parts, 1)
-    result: list[float | None] = [None] * len(rows)
-    for i, s, v in gathered.T.tolist():  # padded duplicates just rewrite the same entry
-        result[int(i)] = s if v else None
-    return result
+            valid[j] &= g is not None
+            scores[j] += (g or 0.0) / samples
+    gathered = grpo.all_gather_rows(torch.stack([scores, valid.double()], 1), mine, len(rows))
+    return [s if v else None for s, v in gathered.tolist()]
 
 
 def mean(xs) -> float:
@@ -141,9 +139,249 @@ def quintile_accuracy(rows: list[dict], correct: list[float | None], base_catego
     return {q: {"accuracy": mean(v), "n": sum(x is not None for x in v)} for q, v in bands.items()}
 
 
+# ----------------------------------------------------------------------------- RLHF: data, gold and proxy rewards
+
+def load_tldr_rows(dataset: str, split: str, prompt_field: str | None = None,
+                   reference_field: str | None = None) -> list[dict]:
+    """Rows {"prompt", "reference"} of a hub split or local file; the fields default to the first present of
+    TLDR_PROMPT_FIELDS / TLDR_REFERENCE_FIELDS (trl-lib/tldr, Huang et al.'s query / reference_response)."""
+    rows = grpo.load_rows(dataset, split, ())
+    columns = list(rows[0])
+
+    def pick(given, candidates, what):
+        for c in [given] if given else candidates:
+            if c in columns:
+                return c
+        grpo.fail(f"dataset {dataset!r} has no {what} field ({given or list(candidates)}); it has {columns}")
+
+    p, r = pick(prompt_field, TLDR_PROMPT_FIELDS, "prompt"), pick(reference_field, TLDR_REFERENCE_FIELDS, "reference")
+    out = [{"prompt": row[p], "reference": row[r]} for row in rows
+           if isinstance(row[p], str) and isinstance(row[r], str) and row[p].strip()]
+    if not out:
+        grpo.fail(f"dataset {dataset!r} split {split!r} has no rows with a non-empty {p!r} and a {r!r} string")
+    return out
+
+
+def tldr_messages(row: dict) -> list[dict]:
+    """The policy's prompt, one user turn (rendered by `render_chat` identically in every stage)."""
+    return [{"role": "user", "content": row["prompt"]}]
+
+
+def make_gold(gold_rm: str, device, *, dtype=torch.float32, batch_size: int = 16, trust_remote_code: bool = False):
+    """gold(rows, completions, has_eos) -> (N,) float32 CPU: the toy's programmatic reward, or a real RM scoring the
+    conversation as its model card does (its own chat template), the text as written, EOS or not."""
+    if gold_rm == TOY_GOLD:
+        return lambda rows, completions, has_eos: torch.tensor(
+            [toy.tldr_gold_reward(r["prompt"], c, bool(e)) for r, c, e in zip(rows, completions, has_eos)],
+            dtype=torch.float32)
+    tokenizer = grpo.load_tokenizer(gold_rm, trust_remote_code)
+    tokenizer.padding_side = "right"
+    rm = grpo.load_reward_model(gold_rm, device, pad_token_id=tokenizer.pad_token_id, dtype=dtype,
+                                trust_remote_code=trust_remote_code).requires_grad_(False)
+
+    def gold(rows, completions, has_eos):
+        convs = [tldr_messages(r) + [{"role": "assistant", "content": c}] for r, c in zip(rows, completions)]
+        if getattr(tokenizer, "chat_template", None):
+            ids = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=False) for c in convs]
+        else:
+            ids = [tokenizer(render_chat(tokenizer, c[:1]) + c[1]["content"], add_special_tokens=False)["input_ids"]
+                   + [tokenizer.eos_token_id] for c in convs]
+        batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+        return rm_scores_from_ids(rm, batch["input_ids"], batch["attention_mask"], torch.ones(len(ids), dtype=bool),
+                                  batch_size=batch_size).float().cpu()
+    return gold
+
+
+def make_proxy(rm, tokenizer, *, eos_penalty: float = -1.0, batch_size: int = 16):
+    """proxy(rows, completions, has_eos) -> (N,) float32 CPU: the proxy RM on prompt + completion + EOS, and
+    `eos_penalty` for a completion without EOS (the authors' -1)."""
+    def proxy(rows, completions, has_eos):
+        prompts = [render_chat(tokenizer, tldr_messages(r)) for r in rows]
+        return rm_scores(rm, tokenizer, prompts, completions, has_eos, eos_penalty=eos_penalty,
+                         batch_size=batch_size).float().cpu()
+    return proxy
+
+
+# ----------------------------------------------------------------------------- RLHF metrics (§4-5.1)
+
+def win_rate(policy_scores, reference_scores) -> float:
+    """Fraction of prompts where the gold RM scores the policy's completion above the reference; ties count 1/2."""
+    p, r = torch.as_tensor(policy_scores, dtype=torch.float64), torch.as_tensor(reference_scores, dtype=torch.float64)
+    return ((p > r).double() + 0.5 * (p == r).double()).mean().item()
+
+
+def bt_loss_on_policy(proxy_a, proxy_b, gold_a, gold_b) -> dict:
+    """Bradley-Terry loss (eq. 3) and accuracy of the proxy RM on pairs (a, b), each pair oriented by the gold RM.
+
+    Pairs the gold RM ties are dropped; a proxy tie counts as half correct. Returns bt_loss, bt_accuracy, bt_pairs
+    (nan loss/accuracy when no pair is left)."""
+    pa, pb, ga, gb = (torch.as_tensor(x, dtype=torch.float64) for x in (proxy_a, proxy_b, gold_a, gold_b))
+    keep = ga != gb
+    if not keep.any():
+        return {"bt_loss": math.nan, "bt_accuracy": math.nan, "bt_pairs": 0}
+    chosen, rejected = torch.where(ga > gb, pa, pb)[keep], torch.where(ga > gb, pb, pa)[keep]
+    accuracy = ((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean().item()
+    return {"bt_loss": bradley_terry_loss(chosen, rejected).item(), "bt_accuracy": accuracy,
+            "bt_pairs": int(keep.sum())}
+
+
+def kl_to_reference(logp, ref_logp, mask) -> torch.Tensor:
+    """(N,) sequence KL estimate Σ_t (log π − log π_ref) over the completion tokens (mask = 1), for completions
+    sampled from π: an unbiased estimate of KL(π ‖ π_ref) per sequence (k1 summed over tokens)."""
+    return ((logp - ref_logp) * mask).sum(-1)
+
+
+@torch.no_grad()
+def sequence_kl(model, ref_model, batch: dict, temperature: float) -> torch.Tensor:
+    """(N,) `kl_to_reference` of a `grpo.rollouts` batch."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["cmask"]], 1)
+    T = batch["completion"].shape[1]
+    logp = grpo.token_logprobs(model, ids, mask, T, temperature)[0]
+    grpo.reshard(model)
+    ref_logp = grpo.token_logprobs(ref_model, ids, mask, T, temperature)[0]
+    grpo.reshard(ref_model)
+    return kl_to_reference(logp, ref_logp, batch["cmask"]).cpu()
+
+
+@torch.no_grad()
+def sharpness(model, objective, *, perturbations: int = 32, sigma: float = 0.02, seed: int = 0, params=None) -> dict:
+    """S = max_i J(φ) − J(φ + ε_i) over `perturbations` random directions (paper §4, Fig. 3).
+
+    `objective()` returns J at the model's current weights (deterministic: fixed prompts and sampling draws). Every
+    tensor W of `params` (default: all parameters) is perturbed by ε = sigma · rms(W) · z, z ~ N(0, I), so sigma is
+    the perturbation's size relative to the weights' own scale; sigma = 0 gives S = 0 exactly. The weights are
+    restored from a saved copy after each perturbation. Every rank must call it. FSDP2 shards (DTensors) get their
+    own slice of z per rank (rms over the whole tensor); a replicated model gets the same z on every rank.
+    Returns sharpness, J, J_perturbed_mean."""
+    params = list(model.parameters()) if params is None else list(params)
+    sharded = [isinstance(p, DTensor) for p in params]
+    local = [p.detach().to_local() if s else p.detach() for p, s in zip(params, sharded)]
+    saved = [t.clone() for t in local]
+    sq = torch.stack([t.double().pow(2).sum() for t in local])
+    sq = torch.where(torch.tensor(sharded, device=sq.device), grpo.all_reduce_sum(sq), sq)
+    rms = (sq / torch.tensor([p.numel() for p in params], dtype=torch.float64, device=sq.device)).sqrt().tolist()
+    rank = grpo.rank_and_world()[0]
+    j0 = objective()
+    drops = []
+    for i in range(perturbations):
+        gens = {}  # one generator per kind: rank-specific for shards, shared for replicated weights
+        for t, r, s in zip(local, rms, sharded):
+            if s not in gens:
+                state = int(np.random.SeedSequence([seed, i, rank if s else 0]).generate_state(1)[0])
+                gens[s] = torch.Generator(device=t.device).manual_seed(state)
+            t.add_(torch.randn(t.shape, generator=gens[s], device=t.device, dtype=t.dtype), alpha=sigma * r)
+        try:
+            drops.append(j0 - objective())
+        finally:
+            torch._foreach_copy_(local, saved)
+    return {"sharpness": max(drops) if drops else 0.0, "J": j0,
+            "J_perturbed_mean": j0 - sum(drops) / len(drops) if drops else j0}
+
+
+def rlhf_evaluator(rows: list[dict], gold, proxy, init_model, *, max_new_tokens: int, temperature: float,
+                   batch_size: int, seed: int = 0, pairs: int = 128, sharpness_prompts: int = 64,
+                   sharpness_perturbations: int = 32, sharpness_sigma: float = 0.02):
+    """evaluate(model, tokenizer, step) -> the RLHF metrics of `model` on `rows` (module docstring), for the RL loop
+    and `--task tldr`. `gold`/`proxy`: `make_gold`/`make_proxy`; `init_model`: the initial policy for the KL. Every
+    rank calls it; each generates its share of the prompts."""
+    reference_gold = {}  # gold score of the dataset references, computed once
+
+    def generate(model, tokenizer, items, temperature, stream):
+        rank, device = grpo.rank_and_world()[0], next(model.parameters()).device
+        gen = None if temperature == 0 else grpo.step_generator(seed, 10**6 + stream, rank, device)
+        return grpo.rollouts(model, tokenizer, [render_chat(tokenizer, tldr_messages(r)) for r in items],
+                             max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
+                             generator=gen)
+
+    def evaluate(model, tokenizer, step):
+        rank, world = grpo.rank_and_world()
+        # 1. greedy completions vs the references, both judged by the gold RM -> win rate
+        mine = grpo.shard_list(list(range(len(rows))), rank, world)
+        mine_rows = [rows[i] for i in mine]
+        batches = list(generate(model, tokenizer, mine_rows, 0.0, 0))
+        texts, ended = [t for b in batches for t in b["texts"]], torch.cat([b["ended"] for b in batches])
+        if "scores" not in reference_gold:
+            reference_gold["scores"] = gold(mine_rows, [r["reference"] for r in mine_rows],
+                                            torch.ones(len(mine), dtype=torch.bool))
+        lengths = torch.tensor([len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts])
+        local = torch.stack([gold(mine_rows, texts, ended), proxy(mine_rows, texts, ended), reference_gold["scores"],
+                             lengths.float(), ended.float()], 1)
+        g = grpo.all_gather_rows(local, mine, len(rows))
+        keys = ("gold", "proxy", "reference_gold", "length", "eos_rate")
+        out = {"win_rate": win_rate(g[:, 0], g[:, 2]), **{k: g[:, j].mean().item() for j, k in enumerate(keys)}}
+        # 2. two samples per prompt: BT loss / accuracy of the proxy on gold-labelled policy pairs; KL to the init
+        n_pairs = min(pairs, len(rows))
+        if n_pairs:
+            mine = grpo.shard_list(list(range(n_pairs)), rank, world)
+            twice = [rows[i] for i in mine for _ in range(2)]
+            cols = torch.cat([torch.stack([proxy(twice[s:s + batch_size], b["texts"], b["ended"]),
+                                           gold(twice[s:s + batch_size], b["texts"], b["ended"]),
+                                           sequence_kl(model, init_model, b, temperature)], 1)
+                              for s, b in zip(range(0, len(twice), batch_size),
+                                              generate(model, tokenizer, twice, temperature, 1))])
+            g = grpo.all_gather_rows(cols.view(len(mine), 6), mine, n_pairs)  # (proxy, gold, kl) of a, then of b
+            out.update(bt_loss_on_policy(g[:, 0], g[:, 3], g[:, 1], g[:, 4]))
+            out.update(kl=g[:, [2, 5]].mean().item(), sampled_gold=g[:, [1, 4]].mean().item(),
+                       sampled_proxy=g[:, [0, 3]].mean().item())
+        # 3. sharpness of J(φ) = mean proxy reward on fixed prompts with fixed sampling draws
+        n_sharp = min(sharpness_prompts, len(rows))
+        if sharpness_perturbations and n_sharp:
+            mine = grpo.shard_list(list(range(n_sharp)), rank, world)
+            items = [rows[i] for i in mine]
+
+            def objective():
+                batches = generate(model, tokenizer, items, temperature, 2)
+                rewards = torch.cat([proxy(items[s:s + batch_size], b["texts"], b["ended"])
+                                     for s, b in zip(range(0, len(items), batch_size), batches)])
+                return grpo.all_gather_rows(rewards[:, None], mine, n_sharp).mean().item()
+
+            s = sharpness(model, objective, perturbations=sharpness_perturbations, sigma=sharpness_sigma, seed=seed)
+            out.update(sharpness=s["sharpness"], sharpness_J=s["J"], sharpness_J_perturbed=s["J_perturbed_mean"])
+        return out
+
+    return evaluate
+
+
+def policy_gradient_norm(model, tokenizer, rows: list[dict], proxy, *, prompts: int = 32, group_size: int = 8,
+                         max_new_tokens: int, temperature: float, micro_batch_size: int, seed: int = 0) -> float:
+    """‖∇ Dr.GRPO loss‖ (no KL) on `group_size` rollouts of the first `prompts` rows (the paper's 32 × 8), proxy
+    rewards: the gradient norm the paper watches as a hacking signal, for a checkpoint."""
+    rank, world = grpo.rank_and_world()
+    mine = grpo.shard_list(list(range(min(prompts, len(rows)))), rank, world)
+    items = [rows[i] for i in mine for _ in range(group_size)]
+    gen = grpo.step_generator(seed, 10**6 + 3, rank, next(model.parameters()).device)
+    prompts = [render_chat(tokenizer, tldr_messages(r)) for r in items]
+    b = next(grpo.rollouts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                           batch_size=len(items), generator=gen))
+    rewards = proxy(items, b["texts"], b["ended"]).to(b["completion"].device)
+    batch = {"input_ids": torch.cat([b["prompt_ids"], b["completion"]], 1),
+             "attention_mask": torch.cat([b["prompt_mask"], b["cmask"]], 1),
+             "completion_mask": b["cmask"], "advantages": grpo.group_advantages(rewards, group_size)}
+    T = b["completion"].shape[1]
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        for mb in grpo.micro_batches(batch, micro_batch_size):
+            logp, _ = grpo.token_logprobs(model, mb["input_ids"], mb["attention_mask"], T, temperature)
+            grpo.dr_grpo_loss(logp, mb["advantages"], mb["completion_mask"], len(items) * max_new_tokens).backward()
+    norm = grpo.clip_([p.grad for p in model.parameters() if p.grad is not None], float("inf")).item()
+    model.zero_grad(set_to_none=True)
+    return norm
+
+
+# ----------------------------------------------------------------------------- command line
+
 def evaluate(cfg: EvalConfig) -> dict:
-    if cfg.task == "tldr":
-        return evaluate_tldr(cfg)
+    cfg.max_new_tokens = cfg.max_new_tokens or MAX_NEW_TOKENS[cfg.task]
+    summary = evaluate_tldr(cfg) if cfg.task == "tldr" else evaluate_reasoning(cfg)
+    if grpo.is_main():
+        print(json.dumps(summary, indent=2))
+        if cfg.out:
+            Path(cfg.out).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def evaluate_reasoning(cfg: EvalConfig) -> dict:
     dataset, config, fields = TASKS[cfg.task]
     rows = grpo.load_rows(cfg.dataset or dataset, cfg.split, fields, config)
     rows = rows[:cfg.limit] if cfg.limit else rows
@@ -172,88 +410,42 @@ def evaluate(cfg: EvalConfig) -> dict:
         summary["per_category"] = category_accuracy(rows, greedy)
         if base:
             summary["quintiles"] = quintile_accuracy(rows, greedy, base)
-    if rank == 0:
-        print(json.dumps(summary, indent=2))
-        if cfg.out:
-            Path(cfg.out).write_text(json.dumps(summary, indent=2))
     return summary
 
 
-# ----------------------------------------------------------------------------- RLHF metrics (§4-5.1, train_tldr.py)
-
-def win_rate(policy_scores, reference_scores) -> float:
-    """Fraction of prompts where the gold RM scores the policy's completion above the reference; ties count 1/2."""
-    p, r = torch.as_tensor(policy_scores, dtype=torch.float64), torch.as_tensor(reference_scores, dtype=torch.float64)
-    return ((p > r).double() + 0.5 * (p == r).double()).mean().item()
-
-
-def bt_loss_on_policy(proxy_a, proxy_b, gold_a, gold_b) -> dict:
-    """Bradley-Terry loss (eq. 3) and accuracy of the proxy RM on pairs (a, b), each pair oriented by the gold RM.
-
-    Pairs the gold RM ties are dropped; a proxy tie counts as half correct. Returns bt_loss, bt_accuracy, bt_pairs
-    (nan loss/accuracy when no pair is left)."""
-    from rewards import bradley_terry_loss
-    pa, pb, ga, gb = (torch.as_tensor(x, dtype=torch.float64) for x in (proxy_a, proxy_b, gold_a, gold_b))
-    keep = ga != gb
-    chosen = torch.where(ga > gb, pa, pb)[keep]
-    rejected = torch.where(ga > gb, pb, pa)[keep]
-    if not keep.any():
-        return {"bt_loss": math.nan, "bt_accuracy": math.nan, "bt_pairs": 0}
-    accuracy = ((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean().item()
-    return {"bt_loss": bradley_terry_loss(chosen, rejected).item(), "bt_accuracy": accuracy,
-            "bt_pairs": int(keep.sum())}
-
-
-def kl_to_reference(logp, ref_logp, mask) -> torch.Tensor:
-    """(N,) sequence KL estimate Σ_t (log π − log π_ref) over the completion tokens (mask = 1), for completions
-    sampled from π: an unbiased estimate of KL(π ‖ π_ref) per sequence (k1 summed over tokens)."""
-    return ((logp - ref_logp) * mask).sum(-1)
-
-
-@torch.no_grad()
-def sharpness(model, objective, *, perturbations: int = 32, sigma: float = 0.02, seed: int = 0, params=None) -> dict:
-    """S = max_i J(φ) − J(φ + ε_i) over `perturbations` random directions (paper §4, Fig. 3).
-
-    `objective()` returns J at the model's current weights (deterministic: fixed prompts and sampling seed). Every
-    tensor W of `params` (default: all parameters) is perturbed by ε = sigma · rms(W) · z, z ~ N(0, I), so sigma is
-    the perturbation's size relative to the weights' own scale; sigma = 0 gives S = 0 exactly. The weights are
-    restored from a saved copy after each perturbation. Works on FSDP2 models (each rank perturbs its local shard;
-    rms over the whole tensor); every rank must call it. Returns sharpness, J, J_perturbed_mean."""
-    from torch.distributed.tensor import DTensor
-    import numpy as np
-    params = list(model.parameters()) if params is None else list(params)
-    local = [p.detach().to_local() if isinstance(p, DTensor) else p.detach() for p in params]
-    saved = [t.clone() for t in local]
-    sq = grpo.all_reduce_sum(torch.stack([t.double().pow(2).sum() for t in local]))
-    rms = (sq / torch.tensor([p.numel() for p in params], dtype=torch.float64, device=sq.device)).sqrt().tolist()
-    rank = dist.get_rank() if grpo.is_distributed() else 0
-    j0 = objective()
-    drops = []
-    for i in range(perturbations):
-        state = int(np.random.SeedSequence([seed, i, rank]).generate_state(1)[0])
-        gen = torch.Generator(device=local[0].device).manual_seed(state)
-        for t, r in zip(local, rms):
-            t.add_(torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype), alpha=sigma * r)
-        try:
-            drops.append(j0 - objective())
-        finally:
-            torch._foreach_copy_(local, saved)
-    return {"sharpness": max(drops) if drops else 0.0, "J": j0,
-            "J_perturbed_mean": j0 - sum(drops) / len(drops) if drops else j0}
-
-
-def evaluate_tldr(cfg: EvalConfig) -> dict:
-    import train_tldr
-    summary = train_tldr.evaluate_checkpoint(
-        cfg.checkpoint, dataset=cfg.dataset, split=cfg.split, limit=cfg.limit, gold_rm=cfg.gold_rm,
-        proxy_rm=cfg.proxy_rm, reference_model=cfg.reference_model, max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed, dtype=cfg.dtype,
-        sharpness_sigma=cfg.sharpness_sigma, sharpness_perturbations=cfg.sharpness_perturbations)
-    if not grpo.is_distributed() or dist.get_rank() == 0:
-        print(json.dumps(summary, indent=2))
-        if cfg.out:
-            Path(cfg.out).write_text(json.dumps(summary, indent=2))
-    return summary
+def evaluate_tldr(cfg: EvalConfig, grad_norm: bool = True) -> dict:
+    """The RLHF metrics of one checkpoint (what the RL eval logs), plus the policy-gradient norm."""
+    for name, what in ((cfg.checkpoint, "--checkpoint"), (cfg.proxy_rm, "--proxy-rm"),
+                       (cfg.reference_model, "--reference-model")):
+        if not name:
+            grpo.fail(f"--task tldr needs {what}")
+        grpo.check_model_path(name, what)
+    if cfg.gold_rm != TOY_GOLD:
+        grpo.check_model_path(cfg.gold_rm, "--gold-rm")
+    rows = load_tldr_rows(cfg.dataset or TASKS["tldr"][0], cfg.split)
+    rows = rows[:cfg.limit] if cfg.limit else rows
+    rank, world, device = grpo.init_distributed()
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    rm_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    tokenizer = grpo.load_tokenizer(cfg.checkpoint)
+    policy = grpo.shard(grpo.load_model(cfg.checkpoint, device))
+    init_model = grpo.shard(grpo.load_model(cfg.reference_model, device)).requires_grad_(False)
+    rm = grpo.load_reward_model(cfg.proxy_rm, device, pad_token_id=tokenizer.pad_token_id, dtype=rm_dtype)
+    proxy = make_proxy(rm.requires_grad_(False), tokenizer, eos_penalty=cfg.eos_penalty, batch_size=cfg.batch_size)
+    gold = make_gold(cfg.gold_rm, device, dtype=rm_dtype, batch_size=cfg.batch_size)
+    evaluate = rlhf_evaluator(rows, gold, proxy, init_model, max_new_tokens=cfg.max_new_tokens,
+                              temperature=cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed,
+                              pairs=cfg.eval_pairs, sharpness_prompts=cfg.sharpness_prompts,
+                              sharpness_perturbations=cfg.sharpness_perturbations, sharpness_sigma=cfg.sharpness_sigma)
+    with grpo.autocast(device, dtype):
+        metrics = evaluate(policy, tokenizer, 0)
+        if grad_norm:
+            metrics["grad_norm"] = policy_gradient_norm(policy, tokenizer, rows, proxy, seed=cfg.seed,
+                                                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                                        micro_batch_size=cfg.batch_size)
+    return {"checkpoint": cfg.checkpoint, "task": "tldr", "n": len(rows), "gold_rm": cfg.gold_rm,
+            "proxy_rm": cfg.proxy_rm, "reference_model": cfg.reference_model, "sharpness_sigma": cfg.sharpness_sigma,
+            "sharpness_perturbations": cfg.sharpness_perturbations, **metrics}
 
 
 # ----------------------------------------------------------------------------- curves from metrics.jsonl
@@ -281,8 +473,8 @@ def plot_runs(runs, out, panels: list[tuple[str, list[str]]], *, title: str | No
     import matplotlib.pyplot as plt
     data = {Path(r).name if Path(r).is_dir() else str(r): load_metrics(r) for r in runs}
     cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    n_rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(5 * cols, 3.6 * n_rows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (x, ys) in zip(axes.flat, panels):
         for k, (name, records) in enumerate(data.items()):
@@ -295,9 +487,9 @@ def plot_runs(runs, out, panels: list[tuple[str, list[str]]], *, title: str | No
                 if x == "step" and len(vs) > 3 * smooth:
                     vs = [sum(vs[max(0, i - smooth + 1):i + 1]) / len(vs[max(0, i - smooth + 1):i + 1])
                           for i in range(len(vs))]
-                label = y if len(data) == 1 else f"{name}: {y}"
-                color = colors[(j if len(data) == 1 else k) % len(colors)]
-                ax.plot(xs, vs, marker="o" if len(xs) < 30 else None, markersize=3, label=label, color=color,
+                ax.plot(xs, vs, marker="o" if len(xs) < 30 else None, markersize=3,
+                        label=y if len(data) == 1 else f"{name}: {y}",
+                        color=colors[(j if len(data) == 1 else k) % len(colors)],
                         linestyle="-" if len(data) == 1 else ("-", "--", ":", "-.")[j % 4])
         ax.set_xlabel(x)
         ax.set_ylabel(", ".join(ys))

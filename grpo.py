@@ -61,21 +61,32 @@ def parse_config(cls, argv=None, presets: dict[str, dict] | None = None):
     return cls(**args)
 
 
+def rank_device() -> torch.device:
+    """This process's device: its GPU (cuda:LOCAL_RANK) when CUDA is available, else the CPU. GRPO_DEVICE=cpu forces
+    the CPU, e.g. for more torchrun ranks than GPUs (the tests do that); GRPO_DEVICE=cuda insists on a GPU."""
+    want = os.environ.get("GRPO_DEVICE", "")
+    if want not in ("", "cpu", "cuda"):
+        fail(f"GRPO_DEVICE must be cpu or cuda, got {want!r}")
+    if want == "cuda" and not torch.cuda.is_available():
+        fail("GRPO_DEVICE=cuda, but CUDA is not available")
+    if want == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun: a process group (nccl on GPU, gloo on CPU)."""
-    if not torch.cuda.is_available():
-        keep_freed_memory()
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():
-        local_rank = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+    """(rank, world_size, device). Under torchrun, one process group with two backends: nccl for CUDA tensors and
+    gloo for CPU tensors, so every collective works whatever device its tensors are on (nccl alone has no CPU path;
+    the collective helpers below also move their tensors to the rank's device)."""
+    device = rank_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return dist.get_rank(), dist.get_world_size(), device
+        keep_freed_memory()
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return *rank_and_world(), device
 
 
 def keep_freed_memory() -> bool:
@@ -95,6 +106,14 @@ def keep_freed_memory() -> bool:
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def is_main() -> bool:
+    return rank_and_world()[0] == 0
 
 
 def seed_everything(seed: int) -> None:
@@ -357,41 +376,88 @@ def train_step(model, optimizer, batch: dict, *, reg: str, temperature: float, n
     return metrics
 
 
+# ----------------------------------------------------------------------------- collectives
+# Every collective of the project goes through these helpers, and each moves its tensors to the rank's device first:
+# nccl cannot send CPU tensors, and CI (gloo on CPU) would never notice one that slipped through.
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over ranks (a new tensor on t's device; `t` itself in one process)."""
+    if not is_distributed():
+        return t
+    out = t.detach().to(rank_device(), copy=True)
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def all_gather_rows(local: torch.Tensor, indices: list[int], total: int) -> torch.Tensor:
+    """(total, k) float64 on the CPU from every rank's (n, k) rows for the items `indices` (every rank the same n, as
+    `shard_list` makes them; its padding copies rewrite the same row). Rows no rank sent stay nan."""
+    rows = torch.cat([torch.tensor(indices, dtype=torch.float64)[:, None], local.detach().double().cpu()], 1)
     if is_distributed():
-        t = t.clone()
-        dist.all_reduce(t)
-    return t
+        rows = rows.to(rank_device())
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, rows)
+        rows = torch.cat(parts).cpu()
+    out = torch.full((total, local.shape[1]), float("nan"), dtype=torch.float64)
+    out[rows[:, 0].long()] = rows[:, 1:]
+    return out
+
+
+def all_gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (picklable objects; they travel over gloo, on the CPU)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _full_state_options():
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+def full_state_dict(model) -> dict:
+    """The unsharded state dict on the CPU, from any rank layout (every rank must call it)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_pretrained(path, model, tokenizer, *, files: dict | None = None, reference=None) -> Path:
+    """Write `path` as a HF dir that `from_pretrained` loads (safetensors + tokenizer), atomically: into a temp dir,
+    then renamed. Every rank calls it (the weights are gathered), rank 0 writes. `files`: {name: str written as text
+    | any other object, written with torch.save}; `reference`: a second model, saved under `reference/`."""
+    path = Path(path)
+    state = full_state_dict(model)
+    ref_state = full_state_dict(reference) if reference is not None else None
+    if is_main():
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        if ref_state is not None:
+            reference.save_pretrained(tmp / "reference", state_dict=ref_state)
+        for name, obj in (files or {}).items():
+            (tmp / name).write_text(obj) if isinstance(obj, str) else torch.save(obj, tmp / name)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    barrier()
+    return path
 
 
 def save_checkpoint(out_dir, step: int, model, optimizer, tokenizer, ref_model=None, keep: int = 1) -> Path:
-    """Write `out_dir/ckpt-{step}`: a HF dir (safetensors) that `from_pretrained` loads, plus
-    `trainer_state.pt` (optimizer, step) and, for reference resets, `reference/`. Atomic: written to
-    a temp dir, then renamed; older checkpoints beyond `keep` are removed afterwards."""
+    """Write `out_dir/ckpt-{step}`: a HF dir (safetensors) that `from_pretrained` loads, plus `trainer_state.pt`
+    (optimizer, step) and, for reference resets, `reference/`. Atomic; older checkpoints beyond `keep` are removed
+    afterwards."""
     out_dir = Path(out_dir)
-    final, tmp = out_dir / f"ckpt-{step:06d}", out_dir / f"ckpt-{step:06d}.tmp"
-    model_sd = get_model_state_dict(model, options=_full_state_options())
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=_full_state_options())
-    ref_sd = get_model_state_dict(ref_model, options=_full_state_options()) if ref_model is not None else None
-    if not is_distributed() or dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=model_sd)
-        tokenizer.save_pretrained(tmp)
-        if ref_sd is not None:
-            ref_model.save_pretrained(tmp / "reference", state_dict=ref_sd)
-        torch.save({"optimizer": optim_sd, "step": step}, tmp / "trainer_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                      cpu_offload=True))
+    final = save_pretrained(out_dir / f"ckpt-{step:06d}", model, tokenizer, reference=ref_model,
+                            files={"trainer_state.pt": {"optimizer": optim_state, "step": step}})
+    if is_main():
         for old in sorted(out_dir.glob("ckpt-??????"))[:-keep]:
             shutil.rmtree(old)
-    if is_distributed():
-        dist.barrier()
     return final
 
 
@@ -408,7 +474,7 @@ def load_trainer_state(ckpt: Path, model, optimizer) -> int:
 
 
 def log_jsonl(path, record: dict) -> None:
-    if not is_distributed() or dist.get_rank() == 0:
+    if is_main():
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -478,6 +544,20 @@ def load_model(name_or_path, device, *, dtype=torch.float32, trust_remote_code: 
     return model.to(device).eval()
 
 
+def load_reward_model(name_or_path, device, *, pad_token_id: int, dtype=torch.float32, trust_remote_code=False):
+    """An `AutoModelForSequenceClassification` with one output (a new scalar head when `name_or_path` is a causal
+    LM), eval mode. `pad_token_id` is set in its config: HF's forward refuses batches without one (the score itself
+    is read at the last attended token, `rewards.rm_last_token_scores`)."""
+    from transformers import AutoModelForSequenceClassification
+    try:
+        rm = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=dtype,
+                                                                trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        fail(f"cannot load reward model {str(name_or_path)!r}: {str(e).splitlines()[0]}")
+    rm.config.pad_token_id = pad_token_id
+    return rm.to(device).eval()
+
+
 def eos_token_ids(tokenizer, model) -> list[int]:
     """The tokenizer's EOS plus the generation config's (Qwen-Instruct ends turns with <|im_end|>)."""
     ids = {tokenizer.eos_token_id}
@@ -518,6 +598,17 @@ def autocast(device, dtype: str):
     return contextlib.nullcontext()
 
 
+def short_prompts(tokenizer, prompts: list[str], max_tokens: int, what: str) -> list[int]:
+    """Indices of the prompts of at most `max_tokens` tokens; prints how many were dropped, fails if none is left."""
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    keep = [i for i, n in enumerate(lengths) if n <= max_tokens]
+    if len(keep) < len(prompts) and is_main():
+        print(f"{what}: dropped {len(prompts) - len(keep)} of {len(prompts)} prompts longer than {max_tokens} tokens")
+    if not keep:
+        fail(f"{what}: every prompt is longer than --max-prompt-tokens {max_tokens}")
+    return keep
+
+
 def tokenize_prompts(tokenizer, texts: list[str], device):
     """Left-padded (N, P) ids and mask. Rendered chat prompts carry their special tokens already."""
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -525,19 +616,28 @@ def tokenize_prompts(tokenizer, texts: list[str], device):
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, eos_ids,
-                   batch_size: int, generator=None, top_p: float = 1.0, top_k: int = 0) -> tuple[list[str], torch.Tensor]:
-    """Completions (decoded, special tokens dropped) and has_eos (N,) for a list of prompt strings."""
-    texts, ended = [], []
-    for i in range(0, len(prompts), batch_size):
-        ids, mask = tokenize_prompts(tokenizer, prompts[i:i + batch_size], next(model.parameters()).device)
-        completion, cmask = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_ids=eos_ids,
+def rollouts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, batch_size: int,
+             generator=None, top_p: float = 1.0, top_k: int = 0):
+    """Sampled completions of prompt strings, `batch_size` prompts per `generate` call. Yields per batch a dict:
+    prompt_ids, prompt_mask (n, P); completion, cmask (n, T); texts (decoded, special tokens dropped); ended (n,)
+    bool on the CPU (the completion has an EOS). Every rank must call it when `model` is FSDP-sharded (lockstep)."""
+    device = next(model.parameters()).device
+    eos = eos_token_ids(tokenizer, model)
+    for s in range(0, len(prompts), batch_size):
+        ids, mask = tokenize_prompts(tokenizer, prompts[s:s + batch_size], device)
+        completion, cmask = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_ids=eos,
                                      pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
                                      top_k=top_k, generator=generator)
-        texts += tokenizer.batch_decode(completion * cmask + tokenizer.pad_token_id * (1 - cmask),
-                                        skip_special_tokens=True)
-        ended.append(has_eos(completion, eos_ids))
-    return texts, torch.cat(ended)
+        texts = tokenizer.batch_decode(completion * cmask + tokenizer.pad_token_id * (1 - cmask),
+                                       skip_special_tokens=True)
+        yield {"prompt_ids": ids, "prompt_mask": mask, "completion": completion, "cmask": cmask, "texts": texts,
+               "ended": has_eos(completion, eos).cpu()}
+
+
+def generate_texts(model, tokenizer, prompts: list[str], **kwargs) -> tuple[list[str], torch.Tensor]:
+    """Completions (decoded) and has_eos (N,) of a list of prompt strings; kwargs as `rollouts`."""
+    batches = list(rollouts(model, tokenizer, prompts, **kwargs))
+    return [t for b in batches for t in b["texts"]], torch.cat([b["ended"] for b in batches])
 
 
 def shard_list(items: list, rank: int, world: int) -> list:
@@ -547,7 +647,44 @@ def shard_list(items: list, rank: int, world: int) -> list:
     return share + [items[-1]] * (per - len(share))
 
 
-# ----------------------------------------------------------------------------- supervised fine-tuning
+# ----------------------------------------------------------------------------- supervised training
+
+def supervised_train(model, loss_fn, steps: int, *, lr: float, schedule=None, weight_decay: float = 0.0,
+                     max_grad_norm: float = 1.0, name: str = "sft", log_path=None, print_every: int = 0) -> dict:
+    """The one supervised loop (SFT and reward-model stages, toy builders): AdamW at lr × schedule(step), gradient
+    clipped to `max_grad_norm`, a non-finite loss stops it before the update. `loss_fn(step)` runs forward and
+    backward over this rank's micro-batches of one optimizer step and returns {"loss": this rank's loss, whose
+    average over ranks is the global loss (FSDP averages the ranks' gradients), other metric: a tensor that sums
+    over ranks}. Logs {step, loss, grad_norm, lr, ...} to a fresh `log_path` (rank 0); returns the last record."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule or (lambda s: 1.0))
+    world = rank_and_world()[1]
+    if log_path is not None and is_main():
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(log_path).write_text("")
+    record = {}
+    model.train()
+    for step in range(steps):
+        out = loss_fn(step)
+        grad_norm = clip_([p.grad for p in params if p.grad is not None], max_grad_norm)
+        sums = all_reduce_sum(torch.stack([v.detach().float().reshape(()) for v in out.values()])).tolist()
+        values = {k: v / world if k == "loss" else v for k, v in zip(out, sums)}
+        norm = grad_norm.item()
+        if not (np.isfinite(values["loss"]) and np.isfinite(norm)):
+            raise FloatingPointError(f"{name} step {step}: non-finite loss ({values['loss']}) or gradient norm "
+                                     f"({norm}); stopping")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = {"step": step + 1, **values, "grad_norm": norm, "lr": scheduler.get_last_lr()[0]}
+        if log_path is not None:
+            log_jsonl(log_path, record)
+        if print_every and ((step + 1) % print_every == 0 or step + 1 == steps) and is_main():
+            print(f"  {name} step {step + 1}/{steps} " + " ".join(f"{k} {v:.4f}" for k, v in values.items()), flush=True)
+    model.eval()
+    return record
+
 
 def sft_loss(model, input_ids, attention_mask, loss_mask):
     """Mean next-token cross-entropy over the tokens where loss_mask = 1 (the completion). All (N, L)."""
@@ -590,7 +727,8 @@ class RLConfig:
     max_new_tokens: int = field(default=768, metadata={"help": "completion length; also the loss normaliser"})
     max_prompt_tokens: int = field(default=512, metadata={"help": "longer prompts are dropped (count printed)"})
     lr: float = field(default=None, metadata={"type": float, "help": "Adam lr; default 5e-6 for gr, 3e-6 otherwise"})
-    beta: float = field(default=0.05, metadata={"help": "KL weight for --reg kl/reset"})
+    beta: float = field(default=None, metadata={"type": float, "help": "KL weight β; default 0.05 for --reg kl, 0.3 "
+                                                "for --reg reset (paper: 0.03-0.15 without resets, 0.2-0.5 with)"})
     kl_estimator: str = field(default="k3", metadata={"help": "KL estimator in the loss", "choices": ("k3", "k1")})
     reset_every: int = field(default=200, metadata={"help": "R: steps between reference resets (--reg reset)"})
     gamma: float = field(default=1e-3, metadata={"help": "GR strength γ"})
@@ -620,6 +758,8 @@ def validate(cfg: RLConfig, check_model: bool = True) -> None:
     """Cheap checks of the flags, before anything is loaded (`check_model=False` when the caller builds it)."""
     if cfg.reg == "gr" and cfg.eps <= 0:
         fail(f"--reg gr needs --eps > 0 (got {cfg.eps}): the finite difference divides by ε")
+    if cfg.beta is None:
+        cfg.beta = 0.3 if cfg.reg == "reset" else 0.05  # Tables 6-7, 9
     if cfg.reg in ("kl", "reset") and cfg.beta <= 0:
         fail(f"--reg {cfg.reg} needs --beta > 0 (got {cfg.beta})")
     if cfg.reg == "reset" and cfg.reset_every <= 0:
@@ -632,7 +772,7 @@ def validate(cfg: RLConfig, check_model: bool = True) -> None:
     if cfg.lr is None:
         cfg.lr = 5e-6 if cfg.reg == "gr" else 3e-6  # paper Tables 5, 8, 9
     if cfg.dtype == "auto":
-        cfg.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        cfg.dtype = "bfloat16" if rank_device().type == "cuda" else "float32"
     if check_model:
         check_model_path(cfg.model)
 
@@ -653,10 +793,7 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
 
     tokenizer = load_tokenizer(str(ckpt or cfg.model), cfg.trust_remote_code)
     prompts = [render_chat(tokenizer, make_prompt(r)) for r in rows]
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    keep = [i for i, n in enumerate(lengths) if n <= cfg.max_prompt_tokens]
-    if len(keep) < len(rows) and main:
-        print(f"dropped {len(rows) - len(keep)} of {len(rows)} prompts longer than {cfg.max_prompt_tokens} tokens")
+    keep = short_prompts(tokenizer, prompts, cfg.max_prompt_tokens, "rl")
     if len(keep) < cfg.prompts_per_step:
         fail(f"only {len(keep)} usable prompts, fewer than --prompts-per-step {cfg.prompts_per_step}")
     rows, prompts = [rows[i] for i in keep], [prompts[i] for i in keep]

@@ -405,17 +405,22 @@ def judge_rewards(
 
 
 def rm_last_token_scores(rm, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar reward (B,) at the last attended token of each row, differentiable (used for RM training too).
+    """Scalar reward (B,) at the last attended token of each row, differentiable (RM training uses it too).
 
-    `rm` is an `AutoModelForSequenceClassification(num_labels=1)` (Qwen2, Llama, GPT-NeoX, ...: backbone at
-    `rm.base_model`, head at `rm.score`), the one RM format this project saves. We do not use its own pooling:
-    it finds the last token that is not `config.pad_token_id`, which is wrong when pad == EOS (the appended EOS
-    would be skipped) and fails without a pad id. Position ids come from the mask, so left and right padding
-    give the same score.
+    `rm` is an `AutoModelForSequenceClassification(num_labels=1)` (Qwen2, Llama, GPT-NeoX, ...: head at `rm.score`),
+    the one RM format this project saves. Its own pooling is not used: it finds the last token that is not
+    `config.pad_token_id`, which is wrong when pad == EOS (the appended EOS would be skipped). The model's own forward
+    runs (so FSDP2's root hooks gather the embedding and head) and the head's per-token outputs are captured with a
+    hook. Position ids come from the mask, so left and right padding give the same score.
     """
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = rm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-    token_scores = rm.score(hidden.last_hidden_state).squeeze(-1)  # (B, T)
+    captured = {}
+    handle = rm.score.register_forward_hook(lambda module, args, out: captured.__setitem__("scores", out))
+    try:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        rm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    finally:
+        handle.remove()
+    token_scores = captured["scores"].squeeze(-1)  # (B, T)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     last = (positions * attention_mask.long()).argmax(-1)
     return token_scores.gather(1, last.unsqueeze(1)).squeeze(1).float()

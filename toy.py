@@ -120,29 +120,24 @@ def tiny_qwen2(vocab_size: int, hidden: int = 96, layers: int = 4, seed: int = 0
 
 def supervised(model, tokenizer, prompts: list[str], completions: list[str], *, steps: int, batch_size: int = 32,
                lr: float = 1e-3, warmup: int = 100, seed: int = 0, log_every: int = 100) -> None:
-    """A short SFT run on prompt -> completion pairs, loss on completion tokens only. AdamW, linear warmup, then
-    cosine decay to lr/10 (without warmup, or at 3e-3, the toy policy stalled before learning to copy numbers)."""
+    """A short SFT run on prompt -> completion pairs (random batches), loss on completion tokens only, through
+    `grpo.supervised_train`: linear warmup, then cosine decay to lr/10 (without warmup, or at 3e-3, the toy policy
+    stalled before learning to copy numbers)."""
     import math
-    from grpo import sft_batch, sft_loss
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    from grpo import sft_batch, sft_loss, supervised_train
     warmup = min(warmup, steps // 5)
-    schedule = lambda s: min(1.0, (s + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * s / steps))  # noqa: E731
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     rng = random.Random(seed)
-    model.train()
-    for step in range(steps):
+
+    def loss_fn(step):
         idx = rng.sample(range(len(prompts)), batch_size)
         ids, mask, loss_mask = sft_batch(tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx],
                                          "cpu", max_len=512)
         loss = sft_loss(model, ids, mask, loss_mask)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if (step + 1) % log_every == 0:
-            print(f"  sft step {step + 1}/{steps} loss {loss.item():.3f}", flush=True)
-    model.eval()
+        return {"loss": loss}
+
+    supervised_train(model, loss_fn, steps, lr=lr, print_every=log_every,
+                     schedule=lambda s: min(1.0, (s + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * s / steps)))
 
 
 def build_gsm8k_policy(root: Path = ROOT, *, sft_steps: int = 800, n_train: int = 4000, hidden: int = 128,
@@ -209,8 +204,7 @@ def build_gsm8k_judge(root: Path = ROOT, *, n_train: int = 3000, sft_steps: int 
     plain = type("Plain", (), {"chat_template": None})()
     prompts = [render_chat(plain, gsm8k_messages(r["question"], system_prompt=None)) for r in rows]
     completions, _ = grpo.generate_texts(policy, policy_tok, prompts, max_new_tokens=32, temperature=1.0,
-                                         eos_ids=[policy_tok.eos_token_id], batch_size=256,
-                                         generator=torch.Generator().manual_seed(0))
+                                         batch_size=256, generator=torch.Generator().manual_seed(0))
     terms = [gsm8k_rewards(c, gsm8k_gold(r["answer"])) for r, c in zip(rows, completions)]
     judge_prompts = [render_chat(plain, judge_messages(r["question"], c, r["answer"])) for r, c in zip(rows, completions)]
     replies = [judge_reply(t["correctness"] > 0, t["strict_format"] > 0) for t in terms]

@@ -123,12 +123,13 @@ def test_resume_skips_finished_stages(chain, small_tldr):
 
 def test_beta_default_depends_on_reg(small_tldr, tmp_path):
     for reg, beta in (("kl", 0.05), ("reset", 0.3), ("none", 0.05)):
-        cfg = train_tldr.resolve(grpo.parse_config(train_tldr.Config, toy_args(small_tldr, tmp_path, "--reg", reg),
-                                                   train_tldr.PRESETS))
+        cfg = grpo.parse_config(train_tldr.Config, toy_args(small_tldr, tmp_path, "--reg", reg), train_tldr.PRESETS)
+        grpo.validate(cfg, check_model=False)
         assert cfg.beta == beta
     cfg = grpo.parse_config(train_tldr.Config, toy_args(small_tldr, tmp_path, "--reg", "reset", "--beta", "0.2"),
                             train_tldr.PRESETS)
-    assert train_tldr.resolve(cfg).beta == 0.2
+    grpo.validate(cfg, check_model=False)
+    assert cfg.beta == 0.2
 
 
 def test_torchrun_two_processes_whole_chain(small_tldr, chain, tmp_path):
@@ -155,10 +156,10 @@ def test_eval_cli_on_checkpoint_and_plot(chain, small_tldr, tmp_path):
     assert summary["n"] == 12 and 0 <= summary["win_rate"] <= 1 and summary["grad_norm"] > 0
     assert {"bt_loss", "bt_accuracy", "kl", "sharpness", "gold", "proxy"} <= summary.keys()
     # the same metrics for the initial policy itself: KL exactly 0
-    init = train_tldr.evaluate_checkpoint(
-        str(out / "sft"), dataset=str(test), split="train", limit=8, gold_rm="toy", proxy_rm=str(out / "rm"),
-        reference_model=str(out / "sft"), max_new_tokens=16, temperature=0.7, batch_size=32, seed=0,
-        dtype="float32", sharpness_sigma=0.0, sharpness_perturbations=2, grad_norm=False)
+    init = evaluation.evaluate_tldr(evaluation.EvalConfig(
+        checkpoint=str(out / "sft"), task="tldr", dataset=str(test), split="train", limit=8, gold_rm="toy",
+        proxy_rm=str(out / "rm"), reference_model=str(out / "sft"), max_new_tokens=16, batch_size=32, dtype="float32",
+        sharpness_sigma=0.0, sharpness_perturbations=2), grad_norm=False)
     assert init["kl"] == 0 and init["sharpness"] == 0  # σ = 0: J unchanged
     png = tmp_path / "fig.png"
     proc = run_cli([sys.executable, "eval.py", "plot", str(out / "rl-none"), str(out / "rl-none" / "metrics.jsonl"),
@@ -275,16 +276,25 @@ def test_sharpness_of_sampled_generation_is_zero_at_scale_zero_and_positive_othe
     assert out["J"] == 1.0 and 0 < out["sharpness"] <= 1
 
 
-def test_rm_train_scores_equal_rm_last_token_scores():
+def test_rm_last_token_scores_equal_each_sequence_scored_alone():
+    """Batched, padded on either side, pad == EOS: the score of each row is the head's output at the last token of
+    the unpadded sequence run alone (backbone, then head; HF's own pooling would skip a final EOS == pad)."""
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
     torch.manual_seed(0)
     rm = Qwen2ForSequenceClassification(Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                    num_labels=1, pad_token_id=0)).eval()
-    batch = rollout_batch(n=6, completion_len=5)
-    with torch.no_grad():
-        torch.testing.assert_close(train_tldr.rm_train_scores(rm, batch["input_ids"], batch["attention_mask"]),
-                                   rm_last_token_scores(rm, batch["input_ids"], batch["attention_mask"]))
+                                                    num_labels=1, pad_token_id=1)).eval()
+    for left_pad in (True, False):
+        batch = rollout_batch(n=6, completion_len=5, left_pad=left_pad)
+        ids, mask = batch["input_ids"].clone(), batch["attention_mask"]
+        ids[mask.bool() & (ids == 1)] = 2  # keep id 1 (pad) for padding only ...
+        ids[:, -1] = torch.where(mask[:, -1].bool(), 1, ids[:, -1])  # ... but let some rows end in it (EOS = pad)
+        with torch.no_grad():
+            got = rm_last_token_scores(rm, ids, mask)
+            for i in range(len(ids)):
+                alone = ids[i][mask[i].bool()][None]
+                expected = rm.score(rm.model(alone).last_hidden_state)[0, -1, 0].item()
+                assert got[i].item() == pytest.approx(expected, abs=1e-5), (left_pad, i)
 
 
 def test_gold_rm_from_a_hf_dir_scores_conversations_as_its_model_card(small_tldr, tmp_path):
@@ -300,8 +310,7 @@ def test_gold_rm_from_a_hf_dir_scores_conversations_as_its_model_card(small_tldr
                                                     num_labels=1, pad_token_id=tokenizer.pad_token_id)).eval()
     rm.save_pretrained(tmp_path / "gold")
     tokenizer.save_pretrained(tmp_path / "gold")
-    cfg = train_tldr.Config(gold_rm=str(tmp_path / "gold"), dtype="float32", gold_batch_size=2)
-    gold = train_tldr.make_gold(cfg, "cpu")
+    gold = evaluation.make_gold(str(tmp_path / "gold"), "cpu", batch_size=2)
     rows = [{"prompt": "Summarize: cat owl egg"}, {"prompt": "Summarize: dog sun pear hat jam"}, {"prompt": "x"}]
     completions = [" cat owl", " dog", " a much longer summary of it"]
     scores = gold(rows, completions, [True, False, True])  # the gold judges the text as written, EOS or not
