@@ -196,11 +196,8 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_i
 
 
 def all_done(done: torch.Tensor) -> bool:
-    """True when every sequence on every rank has finished (one all-reduce per decode step)."""
-    flag = done.all().to(torch.int32)
-    if is_distributed():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag)
+    """True when every sequence on every rank has finished (one host sync; an all-reduce under FSDP)."""
+    return all_reduce_sum((~done).sum()).item() == 0
 
 
 def sample_token(logits, temperature: float, top_p: float = 1.0, top_k: int = 0, generator=None):

@@ -95,7 +95,7 @@ class Config:
 # ----------------------------------------------------------------------------- setup
 
 def log(*args):
-    if not grpo.is_distributed() or dist.get_rank() == 0:
+    if grpo.is_main():
         print(*args, flush=True)
 
 
@@ -174,8 +174,7 @@ def generate(name, cfg: Config, model, ids, mask, n_new: int, seed: int, rank: i
 def timed(fn, device):
     """(wall seconds, this process's CPU seconds). CPU time ignores time spent descheduled, which on a shared CPU
     machine is most of the noise; for one thread it is the work done (GPU: use wall)."""
-    if grpo.is_distributed():
-        dist.barrier()  # ranks start together, so no rank's time includes waiting for another's previous call
+    grpo.barrier()  # ranks start together, so no rank's time includes waiting for another's previous call
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     fn()
@@ -232,6 +231,12 @@ def peak_bytes(fn, device) -> tuple[int, bool]:
               if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
     # a step frees all it allocates; a nonzero end means frees ran on threads the profiler misses (gloo's)
     return max(totals, default=0), not totals or totals[-1] == 0
+
+
+def held_bytes(nbytes: int, device) -> int:
+    """Bytes the allocator holds for a tensor of `nbytes`: CUDA's caching allocator rounds every block up to 512 B
+    (so a tiny model's budget is mostly rounding); the CPU counter counts exact bytes."""
+    return -(-nbytes // 512) * 512 if device.type == "cuda" else nbytes
 
 
 def median(xs):
@@ -294,8 +299,9 @@ def bench(cfg: Config, size: str, rank: int, world: int, device) -> dict:
            "gens": summarize(gsamples, "hf", per=n_local * n_new * world, inverse=True),
            "mem": {u: b for u, (b, _) in mem.items()}, "mem_exact": all(exact for _, exact in mem.values()),
            # GR's budget on this rank: one fp32 copy of the gradients + one copy of the perturbed block parameters
-           "budget": {"grads_fp32": sum(_local(p.detach()).numel() for p in trainable) * 4,
-                      "block_params": sum(_local(p.detach()).numel() * p.element_size() for p in block_parameters(model))}}
+           "budget": {"grads_fp32": sum(held_bytes(_local(p.detach()).numel() * 4, device) for p in trainable),
+                      "block_params": sum(held_bytes(_local(p.detach()).numel() * p.element_size(), device)
+                                          for p in block_parameters(model))}}
     report(res)
     return res
 
@@ -352,7 +358,7 @@ def main(argv=None):
         cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), cpu)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "-"
     load = " load average %.2f %.2f %.2f," % os.getloadavg() if hasattr(os, "getloadavg") else ""
-    kept = "on" if not torch.cuda.is_available() else "off (CUDA)"  # init_distributed's rule
+    kept = "on" if grpo.rank_device().type == "cpu" else "off (CUDA)"  # init_distributed's rule
     log(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}; "
         f"CPU {cpu} ({os.cpu_count()} cores),{load} torch threads {torch.get_num_threads()}, GPU {gpu}, world {world}; "
         f"keep_freed_memory {kept}")

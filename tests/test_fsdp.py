@@ -1,4 +1,5 @@
-"""FSDP2 equivalence: `torchrun --nproc_per_node=2` (gloo, CPU) == one process on the same global batch."""
+"""FSDP2 equivalence: `torchrun --nproc_per_node=2` (gloo, CPU) == one process on the same global batch, untied and
+tied head; a sharded checkpoint resumed under 2 ranks == the uninterrupted 2-rank run."""
 
 import os
 import subprocess
@@ -10,30 +11,50 @@ import torch
 from transformers import AutoModelForCausalLM
 
 WORKER = Path(__file__).parent / "fsdp_worker.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_worker(out: Path, nproc: int, env: dict, port: int) -> dict:
+    """float64, so any difference is a logic error rather than float32 reduction order."""
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    f"--nproc_per_node={nproc}", f"--master_port={port}"]
+    # a hang in generation with uneven stopping would hit the timeout
+    subprocess.run([*launcher, str(WORKER), str(out), "float64"], check=True, env=env, timeout=300)
+    return torch.load(out / "result.pt", weights_only=True)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Both runs in float64, so any difference is a logic error rather than float32 reduction order."""
-    single, sharded = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("fsdp")
-    subprocess.run([sys.executable, str(WORKER), str(single), "float64"], check=True, env=ENV, timeout=300)
-    # a hang in generation with uneven stopping would hit the timeout
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29513",
-                    str(WORKER), str(sharded), "float64"], check=True, env=ENV, timeout=300)
-    load = lambda d: torch.load(d / "result.pt", weights_only=True)  # noqa: E731
-    return load(single), load(sharded)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRPO_DEVICE": "cpu"}  # 2 ranks need not fit the GPUs there are
+    return (run_worker(tmp_path_factory.mktemp("single"), 1, env, 0),
+            run_worker(tmp_path_factory.mktemp("fsdp"), 2, env, 29513))
 
 
-def test_parameters_match_after_gr_and_kl_reset_steps(runs):
+def assert_same_run(a: dict, b: dict, tol: float = 1e-10):
+    assert a["params"].keys() == b["params"].keys()
+    diff = max((a["params"][k] - b["params"][k]).abs().max().item() for k in a["params"])
+    assert diff < tol, diff
+    assert len(a["metrics"]) == len(b["metrics"])
+    for x, y in zip(a["metrics"], b["metrics"]):  # global norms, rank-averaged metrics
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), k
+
+
+@pytest.mark.parametrize("head", ["untied", "tied"])
+def test_parameters_match_after_gr_and_kl_reset_steps(runs, head):
     single, sharded = runs
-    assert single["params"].keys() == sharded["params"].keys()
-    diff = max((single["params"][k] - sharded["params"][k]).abs().max().item() for k in single["params"])
-    assert diff < 1e-10, diff
-    for a, b in zip(single["metrics"], sharded["metrics"]):  # global norms, rank-averaged metrics
-        assert a.keys() == b.keys()
-        for k in a:
-            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    assert_same_run(single[head], sharded[head])
+    if head == "tied":  # Qwen2.5-0.5B ties its head: one tensor, never perturbed by GR, still trained
+        params = sharded[head]["params"]
+        assert torch.equal(params["model.embed_tokens.weight"], params["lm_head.weight"])
+
+
+def test_sharded_checkpoint_resumes_the_uninterrupted_run(runs):
+    _, sharded = runs
+    uninterrupted, resumed = sharded["untied"], sharded["resumed"]
+    assert resumed["start"] == 4
+    assert all(torch.equal(resumed["params"][k], v) for k, v in uninterrupted["params"].items())  # bit-exact
+    assert resumed["metrics"] == uninterrupted["metrics"][4:]  # reference/ and Adam state restored
 
 
 def test_generation_lockstep_and_identical_greedy(runs):
@@ -48,4 +69,4 @@ def test_sharded_checkpoint_loads_with_from_pretrained(runs):
     model = AutoModelForCausalLM.from_pretrained(sharded["ckpt"], dtype=torch.float64)
     assert type(model).__name__ == "Qwen2ForCausalLM"
     for k, v in model.state_dict().items():
-        assert torch.equal(v, sharded["params"][k]), k
+        assert torch.equal(v, sharded["untied"]["params"][k]), k

@@ -4,10 +4,9 @@ from pathlib import Path
 
 import grpo
 import study
-from test_train_judge import small_judge_toy  # noqa: F401  (session fixture)
 
 
-def test_study_smoke(small_judge_toy, tmp_path, monkeypatch):  # noqa: F811
+def test_study_smoke(small_judge_toy, tmp_path, monkeypatch):
     train, test, policy, judge = small_judge_toy
     extra = (f"--model {policy} --judge {judge} --dataset {train} --test-dataset {test} --prompts-per-step 4 "
              f"--group-size 4 --max-new-tokens 16 --judge-max-new-tokens 24 --eval-limit 4")

@@ -20,14 +20,6 @@ from tiny import VOCAB, rollout_batch, tiny_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def small_tldr(tmp_path_factory):
-    """A smaller version of the TL;DR toy (same builders as `--preset toy`): data, tokenizer, random-init base."""
-    root = tmp_path_factory.mktemp("tldr_toy")
-    toy.build_tldr_base(root, n_train=640, n_test=32, hidden=32, layers=2)
-    return toy.tldr_paths(root)
-
-
 def toy_args(small_tldr, out, *extra):
     train, test, base = small_tldr
     return ["--preset", "toy", "--model", str(base), "--dataset", str(train), "--test-dataset", str(test),

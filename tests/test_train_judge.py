@@ -15,14 +15,6 @@ import train_judge
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def small_judge_toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("judge_toy")
-    small = dict(sft_steps=150, n_train=400, hidden=64, layers=2)
-    judge = toy.build_gsm8k_judge(root, n_train=200, sft_steps=40, hidden=64, layers=2, policy_kwargs=small)
-    return (*toy.gsm8k_paths(root), judge)
-
-
 def judge_args(paths, out, *extra):
     train, test, policy, judge = paths
     return ["--preset", "toy", "--model", str(policy), "--judge", str(judge), "--dataset", str(train),

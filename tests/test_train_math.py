@@ -16,14 +16,6 @@ import train_math
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def small_toy(tmp_path_factory):
-    """A smaller, faster-built version of the GSM8K toy (same code path as `--preset toy`)."""
-    root = tmp_path_factory.mktemp("toy")
-    toy.build_gsm8k_policy(root, sft_steps=150, n_train=400, hidden=64, layers=2)
-    return toy.gsm8k_paths(root)
-
-
 def toy_args(small_toy, out, *extra):
     train, test, policy = small_toy
     return ["--preset", "toy", "--model", str(policy), "--dataset", str(train), "--test-dataset", str(test),
