@@ -66,7 +66,8 @@ def gr_backward(model: nn.Module, closure, *, gamma: float, eps: float,
 
     `closure()` runs forward + backward over all micro-batches of the step (accumulating into
     `.grad`) and returns the loss; it is called twice, on the same data. `perturbed` defaults to
-    `block_parameters(model)`. Returns the loss at φ and the pre-clip norms of g1 and g2.
+    `block_parameters(model)`. Returns the loss at φ, the pre-clip norms of g1 and g2, and GR's correction:
+    correction_norm = ‖(γ/ε)(clip(g2) − g1)‖ over the blocks and correction_ratio = correction_norm / ‖clip(g1)‖.
     """
     if eps <= 0:
         raise ValueError(f"GR needs eps > 0, got {eps}")
@@ -87,21 +88,28 @@ def gr_backward(model: nn.Module, closure, *, gamma: float, eps: float,
     g1_block = [_local(g) for g, b in zip(g1, is_block) if b]
     torch._foreach_add_(phi, g1_block, alpha=eps)
 
-    # g2 = ∇L(φ') on the same actions; then restore φ bit-exactly
-    for p in params:
-        p.grad = None
-    closure()
-    g2 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    torch._foreach_copy_(phi, phi_saved)
-    del phi_saved
+    # g2 = ∇L(φ') on the same actions; then restore φ bit-exactly, whatever happens in the second pass
+    try:
+        for p in params:
+            p.grad = None
+        closure()
+        g2 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    finally:
+        torch._foreach_copy_(phi, phi_saved)
+        del phi_saved
 
     # grad = g1 + (γ/ε)(clip(g2) − g1) = lerp(g1, clip(g2), γ/ε) on the blocks, g1 elsewhere, built in g1's
     # buffers. clip(g2) uses the norm of all of g2, but only its block part is needed, so only that is scaled.
     g2_norm = _global_norm(g2)
     g2_block = [_local(g) for g, b in zip(g2, is_block) if b]
     torch._foreach_mul_(g2_block, torch.clamp(g2_clip / (g2_norm + 1e-6), max=1.0))
+    # GR's own size, ‖(γ/ε)(clip(g2) − g1)‖ on the blocks (one tensor-sized temporary at a time)
+    correction = (gamma / eps) * _global_norm([torch.linalg.vector_norm(a - b) for a, b, blk in zip(g2, g1, is_block)
+                                               if blk])
+    g1_used = _global_norm(g1)  # after the clip
     torch._foreach_lerp_(g1_block, g2_block, gamma / eps)
     for p, g in zip(params, g1):
         p.grad = g
-    g1_norm, g2_norm = torch.stack([g1_norm, g2_norm]).tolist()
-    return {"loss": loss.detach(), "g1_norm": g1_norm, "g2_norm": g2_norm}
+    g1_norm, g2_norm, correction, g1_used = torch.stack([g1_norm, g2_norm, correction, g1_used]).tolist()
+    return {"loss": loss.detach(), "g1_norm": g1_norm, "g2_norm": g2_norm, "correction_norm": correction,
+            "correction_ratio": correction / max(g1_used, 1e-12)}

@@ -355,7 +355,8 @@ def train_step(model, optimizer, batch: dict, *, reg: str, temperature: float, n
     if reg == "gr":
         out = gr_backward(model, closure, gamma=gamma, eps=eps)
         loss = out["loss"]
-        metrics.update(g1_norm=out["g1_norm"], g2_norm=out["g2_norm"])
+        metrics.update({"g1_norm": out["g1_norm"], "g2_norm": out["g2_norm"],
+                        "gr/correction_norm": out["correction_norm"], "gr/correction_ratio": out["correction_ratio"]})
     else:
         optimizer.zero_grad(set_to_none=True)
         loss = closure()
