@@ -66,7 +66,10 @@ class EvalConfig:
     base_results: str = field(default=None, metadata={"type": str, "help": "base model's eval JSON (MATH quintiles)"})
     out: str = field(default=None, metadata={"type": str, "help": "write the JSON summary here"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
-    dtype: str = field(default="auto", metadata={"help": "compute dtype", "choices": ("auto", "float32", "bfloat16")})
+    dtype: str = field(default="auto", metadata={"help": "compute dtype (auto: bfloat16 on CUDA, else float32)",
+                                                "choices": ("auto", "float32", "bfloat16")})
+    rollout_replica: bool = field(default=True, metadata={
+        "help": "generate with an unsharded --dtype copy on each rank (--no-rollout-replica: the FSDP-sharded model)"})
     # --task tldr (RLHF)
     gold_rm: str = field(default="Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",
                          metadata={"help": f"tldr: gold RM (hub id, dir, or '{TOY_GOLD}')"})
@@ -395,8 +398,9 @@ def evaluate_reasoning(cfg: EvalConfig) -> dict:
     grpo.check_model_path(cfg.checkpoint, "--checkpoint")
     rank, world, device = grpo.init_distributed()
     tokenizer = grpo.load_tokenizer(cfg.checkpoint)
-    model = grpo.shard(grpo.load_model(cfg.checkpoint, device))
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    model = grpo.rollout_model(grpo.shard(grpo.load_model(cfg.checkpoint, device)), getattr(torch, dtype),
+                               replica=cfg.rollout_replica)  # the fp32 shards are dropped once copied
     common = dict(system_prompt=cfg.system_prompt, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     with grpo.autocast(device, dtype):
         greedy = pass_at_1(model, tokenizer, cfg.task, rows, **common)
@@ -429,6 +433,7 @@ def evaluate_tldr(cfg: EvalConfig, grad_norm: bool = True) -> dict:
     rm_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     tokenizer = grpo.load_tokenizer(cfg.checkpoint)
     policy = grpo.shard(grpo.load_model(cfg.checkpoint, device))
+    rollout = grpo.rollout_model(policy, getattr(torch, dtype), replica=cfg.rollout_replica)
     init_model = grpo.shard(grpo.load_model(cfg.reference_model, device)).requires_grad_(False)
     rm = grpo.load_reward_model(cfg.proxy_rm, device, pad_token_id=tokenizer.pad_token_id, dtype=rm_dtype)
     proxy = make_proxy(rm.requires_grad_(False), tokenizer, eos_penalty=cfg.eos_penalty, batch_size=cfg.batch_size)
@@ -438,7 +443,7 @@ def evaluate_tldr(cfg: EvalConfig, grad_norm: bool = True) -> dict:
                               pairs=cfg.eval_pairs, sharpness_prompts=cfg.sharpness_prompts,
                               sharpness_perturbations=cfg.sharpness_perturbations, sharpness_sigma=cfg.sharpness_sigma)
     with grpo.autocast(device, dtype):
-        metrics = evaluate(policy, tokenizer, 0)
+        metrics = evaluate(rollout, tokenizer, 0)
         if grad_norm:
             metrics["grad_norm"] = policy_gradient_norm(policy, tokenizer, rows, proxy, seed=cfg.seed,
                                                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,

@@ -12,6 +12,7 @@ T = completion length (right-padded), V = vocabulary.
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 from gr import clip_, gr_backward, transformer_blocks
 
@@ -152,73 +154,155 @@ def reshard(model) -> None:
 
 # ----------------------------------------------------------------------------- rollouts
 
+def rollout_model(policy, dtype: torch.dtype, *, replica: bool = True, cuda_graphs: bool = False):
+    """The model that generates: an unsharded plain HF copy of `policy` in the compute `dtype` on this rank, kept
+    equal to the policy by `refresh_rollout_model` after every optimizer step. Decoding then runs no FSDP hooks, no
+    collectives and no autocast casts, and ranks generate independently, for one copy of the weights per rank. Where
+    the copy would equal the policy (one process, same dtype) it is the policy itself; `replica=False` returns the
+    policy too (FSDP-sharded generation in lockstep, for models whose copy does not fit). `cuda_graphs`: on CUDA,
+    `generate` replays this model's decode step as a CUDA graph."""
+    sharded = any(isinstance(m, FSDPModule) for m in policy.modules())
+    if not replica or (not sharded and dtype == next(policy.parameters()).dtype):
+        model = policy
+    else:
+        from transformers import AutoModelForCausalLM
+        with torch.device(next(policy.parameters()).device):
+            model = AutoModelForCausalLM.from_config(policy.config, dtype=dtype).eval().requires_grad_(False)
+        model.generation_config = copy.deepcopy(policy.generation_config)  # its EOS ids (e.g. Qwen's <|im_end|>)
+        if [n for n, _ in model.named_parameters()] != [n for n, _ in policy.named_parameters()]:
+            raise ValueError(f"{type(policy).__name__}: the replica's parameters do not match the policy's")
+        refresh_rollout_model(model, policy)
+    model.grpo_cuda_graphs = cuda_graphs
+    return model
+
+
+@torch.no_grad()
+def refresh_rollout_model(model, policy) -> None:
+    """Copy the policy's weights into its replica (a no-op when the replica is the policy). Under FSDP2 every rank
+    all-gathers each parameter in turn: one full tensor at a time on top of the replica."""
+    if model is not policy:
+        for r, p in zip(model.parameters(), policy.parameters()):
+            r.copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+
+
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_ids, pad_token_id: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, generator=None):
-    """Sample completions with a KV cache. temperature 0 = greedy.
+    """Sample completions: one prefill forward, then one decode step per token on a static KV cache. temperature 0
+    = greedy.
 
-    prompt_ids, prompt_mask: (N, P) left-padded. Returns completion ids (N, T) padded with
-    `pad_token_id` after the first EOS, and its mask (N, T): 1 up to and including the first EOS.
-    Under FSDP2 the blocks are gathered once for the whole decode, and ranks stop together
-    (every rank runs until all ranks are done), so uneven lengths cannot hang a collective.
+    prompt_ids, prompt_mask: (N, P) left-padded. Returns completion ids (N, T) padded with `pad_token_id` after the
+    first EOS, and its mask (N, T): 1 up to and including the first EOS. T ≤ max_new_tokens: decoding stops once
+    every row has an EOS, checked every `sync_every(device)` steps (the check is a host sync), so on CUDA up to that
+    many trailing pad columns remain. The cache and every decode-step input have fixed shapes and addresses for the
+    whole call; a model marked by `rollout_model(..., cuda_graphs=True)` replays its decode step as a CUDA graph.
+    On an FSDP2-sharded model the blocks are gathered once for the whole decode and ranks stop together (every rank
+    steps until all ranks are done), so uneven lengths cannot hang a collective; a replica decodes on its own.
     """
-    device, N = prompt_ids.device, prompt_ids.shape[0]
+    from transformers import StaticCache
+    device, (N, P) = prompt_ids.device, prompt_ids.shape
+    T = max_new_tokens
     eos = torch.as_tensor(list(eos_token_ids), device=device)
-    blocks = [b for b in transformer_blocks(model) if isinstance(b, FSDPModule)]
-    for m in blocks:  # gather each block once, not once per decode step
+    sharded = [b for b in transformer_blocks(model) if isinstance(b, FSDPModule)]
+    graphed = getattr(model, "grpo_cuda_graphs", False) and device.type == "cuda"
+    if graphed:  # a few cache lengths, so a few graphs: pad prompts on the left to a multiple of 64
+        extra = -P % 64
+        prompt_ids, prompt_mask = F.pad(prompt_ids, (extra, 0), value=pad_token_id), F.pad(prompt_mask, (extra, 0))
+        P += extra
+    mask = torch.cat([prompt_mask.long(), prompt_mask.new_ones(N, T, dtype=torch.long)], 1)  # (N, P + T), fixed
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (N, P + T): a decode step's position is its column's
+    cache = decode_cache(model, N, P + T) if graphed else StaticCache(config=model.config, max_cache_len=P + T)
+    # the sampler's uniforms, drawn up front (one per row and step), so the decode step itself draws nothing
+    uniforms = (torch.rand(T, N, 1, dtype=torch.float64, device=device, generator=generator) if temperature > 0
+                else torch.zeros(T, N, 1, dtype=torch.float64, device=device))
+    step = decode_step_graphed if graphed else decode_step
+    tokens = torch.full((N, T), pad_token_id, dtype=torch.long, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    for m in sharded:  # gather each block once, not once per decode step
         m.set_reshard_after_forward(False, recurse=False)
-    tokens, done = [], torch.zeros(N, dtype=torch.bool, device=device)
-    P = prompt_mask.shape[1]
-    full_mask = torch.cat([prompt_mask.long(), prompt_mask.new_ones(N, max_new_tokens, dtype=torch.long)], 1)
-    mask = full_mask[:, :P]  # grows as a view of full_mask: no torch.cat per step
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    input_ids, cache = prompt_ids, None
     try:
-        for _ in range(max_new_tokens):
-            out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                        cache=cache, use_cache=True, logits_to_keep=1)
-            cache = out.cache
-            next_token = sample_token(out.logits[:, -1].float(), temperature, top_p, top_k, generator)  # (N,)
-            next_token = torch.where(done, pad_token_id, next_token)
-            tokens.append(next_token)
-            done |= torch.isin(next_token, eos)
-            if all_done(done):
+        logits = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions[:, :P], cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        token = sample_token(logits.float(), temperature, top_p, top_k, uniforms=uniforms[0])
+        every = sync_every(device)
+        for t in range(T):
+            token = torch.where(done, pad_token_id, token)
+            tokens[:, t] = token
+            done |= torch.isin(token, eos)
+            if t + 1 == T or ((t + 1) % every == 0 and all_done(done, lockstep=bool(sharded))):
                 break
-            input_ids = next_token[:, None]
-            position_ids = position_ids[:, -1:] + 1
-            mask = full_mask[:, :mask.shape[1] + 1]
+            token = step(model, token, positions[:, P + t], mask, cache, uniforms[t + 1], temperature, top_p, top_k)
     finally:
-        for m in blocks:
+        for m in sharded:
             m.set_reshard_after_forward(True, recurse=False)  # fully_shard's default for non-root modules
         reshard(model)
-    completion = torch.stack(tokens, dim=1)  # (N, T)
+    completion = tokens[:, :t + 1]
     return completion, completion_mask(completion, eos)
 
 
-def all_done(done: torch.Tensor) -> bool:
-    """True when every sequence on every rank has finished (one host sync; an all-reduce under FSDP)."""
-    return all_reduce_sum((~done).sum()).item() == 0
+def decode_step(model, token, position, mask, cache, uniforms, temperature: float, top_p: float, top_k: int):
+    """One token per row: a forward of the last tokens (N,) at `position` (N,) on the cache, then sampling."""
+    logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], cache=cache,
+                   use_cache=True).logits[:, -1]
+    return sample_token(logits.float(), temperature, top_p, top_k, uniforms=uniforms)
 
 
-def sample_token(logits, temperature: float, top_p: float = 1.0, top_k: int = 0, generator=None):
-    """One token per row from (N, V) logits; temperature 0 = argmax."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
+# CUDA: the decode step compiled for CUDA-graph replay (fixed shapes, static cache addresses, no host syncs inside)
+decode_step_graphed = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+
+def decode_cache(model, batch: int, length: int):
+    """A static KV cache kept on the model per (batch, length), reset for every call: CUDA graphs replay against
+    fixed addresses, so the cache must outlive one `generate` call."""
+    from transformers import StaticCache
+    caches = model.__dict__.setdefault("grpo_decode_caches", {})
+    if (batch, length) not in caches:
+        caches[(batch, length)] = StaticCache(config=model.config, max_cache_len=length)
+    caches[(batch, length)].reset()
+    return caches[(batch, length)]
+
+
+def sync_every(device) -> int:
+    """Decode steps between 'has every row ended?' checks. The check reads a flag on the host: free on the CPU,
+    a stall of the launch queue on CUDA, so there it runs every 16 steps (at most 15 steps too many)."""
+    return 1 if device.type == "cpu" else 16
+
+
+def all_done(done: torch.Tensor, lockstep: bool) -> bool:
+    """True when every sequence has finished: on every rank when `lockstep` (FSDP: one all-reduce), else on this
+    rank alone (a replica decodes independently and must not enter a collective). One host sync."""
+    return (all_reduce_sum((~done).sum()) if lockstep else (~done).sum()).item() == 0
+
+
+def filter_logits(logits, top_p: float = 1.0, top_k: int = 0):
+    """(N, V) logits with the tokens outside top-k / top-p set to -inf, by HF's rules: ties with the k-th largest
+    logit stay; top-p keeps the smallest prefix of the distribution sorted by probability whose mass reaches
+    top_p (a token is dropped once the mass before it is ≥ top_p), and always the most likely token."""
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix with mass ≥ top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p
+        drop[:, 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_token(logits, temperature: float, top_p: float = 1.0, top_k: int = 0, generator=None, uniforms=None):
+    """One token per row from (N, V) logits at `temperature` (0 = argmax), after `filter_logits`. `uniforms`: (N, 1)
+    float64 draws in [0, 1) to use, else they are drawn from `generator`."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits / temperature, top_p, top_k)
     # inverse-CDF sampling: the same categorical distribution as torch.multinomial, with one uniform per row instead
     # of an exponential per vocabulary entry (one CPU thread, 16 rows: 5.0 -> 1.8 ms at V = 8k, 82 -> 34 ms at V =
     # 152k); float64 cumsum keeps tiny probabilities exact; right=True never picks a p = 0 token
     cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)
-    u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device, generator=generator) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+    if uniforms is None:
+        uniforms = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device, generator=generator)
+    return torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
 def completion_mask(completion, eos: torch.Tensor):
@@ -741,6 +825,13 @@ class RLConfig:
         "help": "compute dtype of the loss/backward passes. Keep float32 for --reg gr: ε·g1 is far below bf16 "
                 "resolution, and in bf16 the finite difference is rounding noise (benchmarks/gr_precision.py)",
         "choices": ("float32", "bfloat16")})
+    rollout_replica: bool = field(default=True, metadata={
+        "help": "generate and evaluate with an unsharded copy of the policy in --dtype on each rank (one copy of the "
+                "weights per rank, refreshed after every step): no FSDP gathers, collectives or autocast while "
+                "decoding. --no-rollout-replica: generate with the sharded policy (models whose copy does not fit)"})
+    cuda_graphs: bool = field(default=False, metadata={
+        "help": "CUDA: replay the decode step as a CUDA graph (torch.compile mode=reduce-overhead). Not yet "
+                "measured on a GPU by this project, hence off by default"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing (long completions)"})
     log_kl_init: bool = field(default=False, metadata={"help": "log kl_init, the k3 KL to the initial policy, every "
                                                                 "step (one more forward; free with --reg kl)"})
@@ -778,7 +869,8 @@ def validate(cfg: RLConfig, check_model: bool = True) -> None:
 def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None) -> dict:
     """The RL loop. `make_prompt(row) -> chat messages`; `score(rows, completions, has_eos) -> (rewards (N,),
     {term: (N,)})`, terms logged as means (a "true_reward" term is the hacking signal where known);
-    `evaluate(model, tokenizer, step) -> dict` runs on all ranks. Returns the last eval."""
+    `evaluate(model, tokenizer, step) -> dict` runs on all ranks, given the rollout model (`rollout_model`: the
+    policy's compute-dtype replica, or the policy). Returns the last eval."""
     from rewards import render_chat
     rank, world, device = init_distributed()
     main = rank == 0
@@ -809,6 +901,13 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
         init.requires_grad_(False)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     start = load_trainer_state(ckpt, policy, optimizer) if ckpt is not None else 0
+    compute_dtype = getattr(torch, cfg.dtype)
+    rollout = rollout_model(policy, compute_dtype, replica=cfg.rollout_replica, cuda_graphs=cfg.cuda_graphs)
+    gen_dtype = "float32" if rollout is not policy else cfg.dtype  # a replica holds its weights in the compute dtype
+    if main:
+        what = f"a {cfg.dtype} replica of the policy on each rank" if rollout is not policy else "the policy itself"
+        size = sum(p.numel() * p.element_size() for p in rollout.parameters()) / 2**30
+        print(f"rollouts: {what} ({size:.3f} GiB of weights){', CUDA-graph decode' if cfg.cuda_graphs else ''}")
     eos_ids = eos_token_ids(tokenizer, policy)
     metrics_path = out / "metrics.jsonl"
     if main:  # a resumed run rewrites the steps after its checkpoint
@@ -820,7 +919,7 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
     last_eval = {}
     if evaluate is not None and start == 0:  # the starting point, logged as step -1
         with autocast(device, cfg.dtype):
-            last_eval = evaluate(policy, tokenizer, 0)
+            last_eval = evaluate(rollout, tokenizer, 0)
         log_jsonl(metrics_path, {"step": -1, **{f"eval/{k}": v for k, v in last_eval.items()}})
         if main:
             print("before RL: " + " ".join(f"{k}={v:.4g}" for k, v in last_eval.items()), flush=True)
@@ -833,9 +932,9 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
         picks = picks[rank * per_rank:(rank + 1) * per_rank].repeat(cfg.group_size)  # group by group
         batch_rows = [rows[i] for i in picks]
         # 2. generate G rollouts per prompt
-        with timer("generate"), autocast(device, cfg.dtype):
+        with timer("generate"), autocast(device, gen_dtype):
             prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [prompts[i] for i in picks], device)
-            completion, cmask = generate(policy, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
+            completion, cmask = generate(rollout, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
                                          eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
                                          temperature=cfg.temperature,
                                          generator=step_generator(cfg.seed, step, rank, device))
@@ -864,6 +963,7 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
                                normalizer=normalizer, micro_batch_size=cfg.micro_batch_size, beta=cfg.beta,
                                kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, eps=cfg.eps,
                                max_grad_norm=cfg.max_grad_norm, step=step)
+            refresh_rollout_model(rollout, policy)
         if cfg.reg == "reset" and (step + 1) % cfg.reset_every == 0:
             reset_reference(ref, policy)
         # 7. log, evaluate, checkpoint
@@ -873,7 +973,7 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
         record = {"step": step, **{k: v / world for k, v in zip(means, sums.tolist())}, **stats, **timer.times}
         if evaluate is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
             with timer("eval"), autocast(device, cfg.dtype):
-                last_eval = evaluate(policy, tokenizer, step + 1)
+                last_eval = evaluate(rollout, tokenizer, step + 1)
             record.update({f"eval/{k}": v for k, v in last_eval.items()}, **timer.times)
         log_jsonl(metrics_path, record)
         if main:

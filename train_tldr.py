@@ -188,6 +188,7 @@ def sample_pairs(cfg: Config, rows: list[dict], device) -> list[dict]:
     rank, world = grpo.rank_and_world()
     tokenizer = grpo.load_tokenizer(cfg.sft_dir, cfg.trust_remote_code)
     policy = grpo.shard(grpo.load_model(cfg.sft_dir, device, trust_remote_code=cfg.trust_remote_code))
+    policy = grpo.rollout_model(policy, getattr(torch, cfg.dtype), replica=cfg.rollout_replica)
     gold = evaluation.make_gold(cfg.gold_rm, device, dtype=rm_dtype(cfg), batch_size=cfg.gold_batch_size,
                                 trust_remote_code=cfg.trust_remote_code)
     mine = grpo.shard_list(list(range(len(rows))), rank, world)

@@ -5,9 +5,14 @@ Same model, same fixed batch, one run; the variants alternate (plain, kl, gr, pl
 (generation), the median of per-repeat paired ratios, and the same for process CPU time, which on a shared
 CPU machine is steadier than wall time (it leaves out time spent descheduled). Every update runs the real
 code path, `grpo.train_step` with Adam on a batch built like tests/tiny.py `rollout_batch` (left-padded
-prompts, right-padded completions); the kl variant times `grpo.reference_logprobs` too. Generation:
-`grpo.generate` vs `model.generate` with the same prompts, sampling distribution (temperature, top_k 0,
-top_p 1), dtype and KV cache (HF DynamicCache), both forced to emit exactly `--gen-tokens` tokens (no EOS).
+prompts, right-padded completions); the kl variant times `grpo.reference_logprobs` too. Generation runs as the
+trainer's does, on `grpo.rollout_model` (the --gen-dtype replica of the policy, or the policy itself), with the
+same prompts and sampling distribution (temperature, top_k 0, top_p 1) for every variant, all forced to emit
+exactly the requested number of tokens (no EOS): ours (`grpo.generate`: static KV cache, and with --cuda-graphs
+CUDA-graph decode steps), HF `generate` (its DynamicCache, eager), and HF `generate` with a static cache and
+`torch.compile` (--hf-static; the best HF offers: CUDA graphs on GPU; on CPU a long compile). Printed per variant:
+tok/s, ms per decode step, and with --bandwidth-gbs the share of the memory-bandwidth bound (every decode step reads
+the weights and the KV cache once).
 Setup is the trainer's, `grpo.init_distributed()`, so on CPU glibc keeps freed memory
 (`grpo.keep_freed_memory`) here exactly as in training.
 
@@ -22,8 +27,8 @@ threads, which the profiler does not see, so there the CPU number is only an upp
 Commands (from the repository root; --threads 1 is the default, see its help):
     python benchmarks/bench_step.py                                   # ~1M and ~10M Qwen2 on CPU, < 3 min on 2 cores
     torchrun --nproc_per_node=2 benchmarks/bench_step.py              # FSDP2 (gloo on CPU, nccl on GPUs)
-    python benchmarks/bench_step.py --model Qwen/Qwen2.5-0.5B-Instruct --dtype bfloat16 --n-seqs 64 \
-        --prompt-len 256 --completion-len 512                         # a real model (GPU)
+    python benchmarks/bench_step.py --model Qwen/Qwen2.5-0.5B-Instruct --gen-dtype bfloat16 --n-seqs 64 \
+        --prompt-len 256 --completion-len 512 --gen-shape 256x128+768 --cuda-graphs --bandwidth-gbs 4800  # GPU
 
 Model sizes (random init, built from configs, untied head, exact parameter counts):
     tiny  vocab 48,   d 32,  4 layers, MLP 64:      40,480 params (37,376 in blocks; for the test)
@@ -60,7 +65,7 @@ SIZES = {  # Qwen2Config kwargs
                 num_key_value_heads=4),
 }
 UPDATES = ("plain", "kl", "gr")  # ratios are to plain
-GENS = ("ours", "hf")  # ratios are to hf
+GENS = ("ours", "hf", "hf_static")  # ratios are to hf
 
 
 @dataclass
@@ -81,6 +86,13 @@ class Config:
     completion_len: int = field(default=64, metadata={"help": "completion tokens (right-padded) in the update batch"})
     micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward"})
     gen_tokens: int = field(default=0, metadata={"help": "tokens each rollout generates (0: --completion-len)"})
+    gen_shape: str = field(default="", metadata={"help": "generation shape NxP+T, e.g. 256x128+768: sequences per rank "
+                                                         "x (prompt + new tokens); default the update batch's"})
+    hf_static: bool = field(default=True, metadata={"help": "also time HF generate with a static cache + torch.compile"})
+    cuda_graphs: bool = field(default=False, metadata={"help": "ours with CUDA-graph decode steps (the trainer's "
+                                                              "--cuda-graphs)"})
+    bandwidth_gbs: float = field(default=0.0, metadata={"help": "device memory bandwidth in GB/s (H200 ~4800, H100 "
+                                                                "~3350): prints each variant's share of that bound"})
     repeats: int = field(default=5, metadata={"help": "timed repeats of each variant (alternating); medians reported"})
     warmup: int = field(default=1, metadata={"help": "untimed repeats of each variant first"})
     memory: bool = field(default=True, metadata={"help": "measure peak memory of each update variant (one extra untimed call each)"})
@@ -153,20 +165,50 @@ def update(name, cfg: Config, model, ref, opt, batch):
 
 @torch.no_grad()
 def generate(name, cfg: Config, model, ids, mask, n_new: int, seed: int, rank: int):
-    """(N, n_new) sampled tokens. The EOS id is out of the vocabulary, so every rollout runs to the limit."""
+    """(N, n_new) sampled tokens from the rollout model. The EOS id is out of the vocabulary, so every rollout runs to
+    the limit. A rollout model that is the fp32 policy itself generates under --gen-dtype autocast, as in training."""
     no_eos = model.config.vocab_size + 7
-    with grpo.autocast(ids.device, cfg.gen_dtype):
+    autocast = next(model.parameters()).dtype == torch.float32 and cfg.gen_dtype != "float32"
+    with grpo.autocast(ids.device, cfg.gen_dtype if autocast else "float32"):
         if name == "ours":
             out, _ = grpo.generate(model, ids, mask, max_new_tokens=n_new, eos_token_ids=[no_eos], pad_token_id=0,
                                    temperature=cfg.temperature, generator=grpo.step_generator(seed, 0, rank, ids.device))
             return out
-        from transformers import GenerationConfig
+        from transformers import CompileConfig, GenerationConfig
         torch.manual_seed(seed)
+        static = dict(cache_implementation="static", compile_config=CompileConfig(
+            fullgraph=True, mode="reduce-overhead" if ids.device.type == "cuda" else "default"))
+        if ids.device.type == "cpu":
+            static["compile_config"]._compile_all_devices = True  # HF compiles on CPU only when told to
         gc = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=n_new,
-                              eos_token_id=None, pad_token_id=0, bos_token_id=None)
+                              min_new_tokens=n_new, eos_token_id=None, pad_token_id=0, bos_token_id=None,
+                              **(static if name == "hf_static" else {}))
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
         grpo.reshard(model)  # FSDP2 leaves the root gathered after a forward with no backward
         return out[:, ids.shape[1]:]
+
+
+def gen_prompts(cfg: Config, vocab: int, batch: dict, device):
+    """(N, P) prompt ids and mask: the update batch's prompts, or --gen-shape's (random, uneven left padding)."""
+    if not cfg.gen_shape:
+        return batch["input_ids"][:, :cfg.prompt_len], batch["attention_mask"][:, :cfg.prompt_len], None
+    n, rest = cfg.gen_shape.split("x")
+    n, P, T = int(n), *(int(x) for x in rest.split("+"))
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    ids = torch.randint(3, vocab, (n, P), generator=g)
+    mask = (torch.arange(P)[None] >= (torch.arange(n)[:, None] * 5) % max(P // 4, 1)).long()  # uneven left padding
+    return (ids * mask).to(device), mask.to(device), T
+
+
+def bound_tok_s(model, n: int, prompt_len: int, n_new: int, bandwidth_gbs: float) -> float:
+    """Tokens/s if every decode step only read the weights and the (on average half-grown) KV cache once."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    elem = next(model.parameters()).element_size()
+    weights = sum(p.numel() for p in model.parameters()) * elem
+    kv = n * c.num_hidden_layers * 2 * kv_heads * head_dim * elem * (prompt_len + n_new / 2)
+    return n / ((weights + kv) / (bandwidth_gbs * 1e9))
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -286,17 +328,25 @@ def bench(cfg: Config, size: str, rank: int, world: int, device) -> dict:
     samples = alternate(updates, cfg, device)
     mem = {u: peak_bytes(lambda: fn(0), device) for u, fn in updates.items()} if cfg.memory else {}
 
-    prompt_ids, prompt_mask = batch["input_ids"][:, :cfg.prompt_len], batch["attention_mask"][:, :cfg.prompt_len]
+    rollout = grpo.rollout_model(model, getattr(torch, cfg.gen_dtype), cuda_graphs=cfg.cuda_graphs)
+    prompt_ids, prompt_mask, shape_new = gen_prompts(cfg, model.config.vocab_size, batch, device)
+    n_gen, n_new = prompt_ids.shape[0], shape_new or n_new
+    log(f"generation: {n_gen}x({prompt_ids.shape[1]}+{n_new}) per rank on "
+        f"{'a ' + cfg.gen_dtype + ' replica' if rollout is not model else 'the policy'}"
+        f"{' with CUDA-graph decode' if cfg.cuda_graphs else ''}")
 
     def gen(g, r):  # the same prompts for every variant; a new sampling seed each repeat
-        out = generate(g, cfg, model, prompt_ids, prompt_mask, n_new, seed=cfg.seed + r, rank=rank)
-        assert out.shape == (n_local, n_new), (g, tuple(out.shape))
-    gsamples = alternate({g: (lambda r, g=g: gen(g, r)) for g in GENS}, cfg, device)
+        out = generate(g, cfg, rollout, prompt_ids, prompt_mask, n_new, seed=cfg.seed + r, rank=rank)
+        assert out.shape == (n_gen, n_new), (g, tuple(out.shape))
+    gsamples = alternate({g: (lambda r, g=g: gen(g, r)) for g in GENS if g != "hf_static" or cfg.hf_static}, cfg,
+                         device)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     res = {"size": name, "params": n_params, "block_params": n_block,
            "updates": summarize(samples, "plain"),
-           "gens": summarize(gsamples, "hf", per=n_local * n_new * world, inverse=True),
+           "gens": summarize(gsamples, "hf", per=n_gen * n_new * world, inverse=True), "n_new": n_new,
+           "bound": bound_tok_s(rollout, n_gen * world, prompt_ids.shape[1], n_new, cfg.bandwidth_gbs)
+                    if cfg.bandwidth_gbs else 0.0,
            "mem": {u: b for u, (b, _) in mem.items()}, "mem_exact": all(exact for _, exact in mem.values()),
            # GR's budget on this rank: one fp32 copy of the gradients + one copy of the perturbed block parameters
            "budget": {"grads_fp32": sum(held_bytes(_local(p.detach()).numel() * 4, device) for p in trainable),
@@ -314,9 +364,14 @@ def report(res: dict):
         m = f"{mib(mem[u]):>12}{mib(mem[u] - mem['plain']):>12}" if mem else ""
         log(f"{u:<9}{1e3 * r['wall']:9.1f}{r['wall_ratio']:7.3f}x{r['wall_paired']:7.3f}x{1e3 * r['cpu']:9.1f}"
             f"{r['cpu_ratio']:7.3f}x{m}   {[round(1e3 * x, 1) for x in r['all_wall']]}")
-    log(f"{'generate':<14}{'tok/s':>8}{'/hf':>8}{'paired':>8}{'tok/cpu-s':>10}{'/hf':>8}")
+    log(f"{'generate':<14}{'tok/s':>8}{'/hf':>8}{'paired':>8}{'tok/cpu-s':>10}{'/hf':>8}{'ms/step':>9}"
+        f"{'of bound':>10}")
     for g, r in res["gens"].items():
-        log(f"{g:<14}{r['wall']:8.0f}{r['wall_ratio']:7.3f}x{r['wall_paired']:7.3f}x{r['cpu']:10.0f}{r['cpu_ratio']:7.3f}x")
+        share = f"{r['wall'] / res['bound']:9.1%}" if res["bound"] else ""
+        log(f"{g:<14}{r['wall']:8.0f}{r['wall_ratio']:7.3f}x{r['wall_paired']:7.3f}x{r['cpu']:10.0f}{r['cpu_ratio']:7.3f}x"
+            f"{1e3 * median(r['all_wall']) / res['n_new']:9.2f}{share:>10}")
+    if res["bound"]:
+        log(f"memory-bandwidth bound: {res['bound']:.0f} tok/s")
     if mem:
         b, extra = res["budget"], mem["gr"] - mem["plain"]
         budget = b["grads_fp32"] + b["block_params"]
@@ -339,7 +394,8 @@ def summary(results: list[dict]):
         if mem:
             log(f"{res['size']:>6} GR memory budget {b['grads_fp32'] + b['block_params']:>39,} B (fp32 grads + block params)")
         for g, r in res["gens"].items():
-            log(f"{res['size']:>6} generate {g:<11}{r['wall']:9.0f} tok/s {r['wall_ratio']:5.3f}x | {r['cpu_ratio']:6.3f}x hf")
+            log(f"{res['size']:>6} generate {g:<11}{r['wall']:9.0f} tok/s {r['wall_ratio']:5.3f}x | {r['cpu_ratio']:6.3f}x hf"
+                f"  {1e3 * median(r['all_wall']) / res['n_new']:8.2f} ms/step")
 
 
 def main(argv=None):

@@ -2,8 +2,8 @@
 
 Usage: [torchrun --nproc_per_node=N] tests/fsdp_worker.py OUT_DIR [float32|float64]. Writes OUT_DIR/result.pt (rank 0):
 per model (untied, tied): final parameters and per-step metrics; the untied run again, interrupted after step
-RESUME_AT by a checkpoint that fresh models and a fresh optimizer resume from; greedy completions, and generation
-with ranks that stop at different steps; a checkpoint under OUT_DIR/ckpt.
+RESUME_AT by a checkpoint that fresh models and a fresh optimizer resume from; greedy completions, generation with
+ranks that stop at different steps, greedy rollouts of an unsharded replica; a checkpoint under OUT_DIR/ckpt.
 """
 
 import sys
@@ -29,7 +29,8 @@ def run(model, ref, opt, steps: range, dtype) -> list[dict]:
     metrics = []
     for step in steps:
         reg, reset_now = PLAN[step]
-        batch = {k: v[share].to(device) for k, v in rollout_batch(n=N_GLOBAL, completion_len=T, group=4, seed=step).items()}
+        full_batch = rollout_batch(n=N_GLOBAL, completion_len=T, group=4, seed=step)
+        batch = {k: v[share].to(device) for k, v in full_batch.items()}
         batch["advantages"] = batch["advantages"].to(dtype)
         if reg == "reset":
             if reset_now:
@@ -75,6 +76,14 @@ def main(out: Path, dtype: torch.dtype):
                               eos_token_ids=range(VOCAB) if rank == 0 else [VOCAB + 1])
     greedy, _ = grpo.generate(untied, ids, mask, max_new_tokens=6, pad_token_id=0, temperature=0, eos_token_ids=[3])
     greedy = grpo.all_gather_rows(greedy, list(range(share.start, share.stop)), N_GLOBAL).long()
+    # rollouts from an unsharded replica of the sharded policy: each rank decodes on its own, no collectives
+    replica = grpo.rollout_model(untied, dtype)
+    full = grpo.full_state_dict(untied)  # on rank 0
+    replica_exact = rank != 0 or all(torch.equal(v.cpu(), full[k]) for k, v in replica.named_parameters())
+    no_eos, _ = grpo.generate(replica, ids, mask, max_new_tokens=6, pad_token_id=0, temperature=0,
+                              eos_token_ids=[VOCAB + 1])
+    no_eos = grpo.all_gather_rows(no_eos, list(range(share.start, share.stop)), N_GLOBAL).long()
+    result["replica"] = {"copy": replica is not untied, "exact": replica_exact, "greedy": no_eos}
     ckpt = grpo.save_checkpoint(out / "ckpt", len(PLAN), untied, untied_opt, _tokenizer())
     if rank == 0:
         torch.save({**result, "uneven_len": uneven.shape[1], "greedy": greedy, "ckpt": str(ckpt)}, out / "result.pt")

@@ -15,6 +15,7 @@ import test_fsdp
 import test_tldr
 import test_train_judge
 import test_train_math
+from tiny import VOCAB, rollout_batch, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -64,6 +65,44 @@ def test_train_math_and_eval_under_torchrun_on_one_gpu(small_toy, tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2] and "eval/pass@1_greedy" in rows[-1]
     torchrun(["eval.py", "--checkpoint", str(tmp_path / "ckpt-000003"), "--dataset", str(small_toy[1]),
               "--limit", "8", "--samples", "2", "--max-new-tokens", "16", "--system-prompt", ""], port=29533)
+
+
+def test_train_math_with_cuda_graph_decode(small_toy, tmp_path):
+    torchrun(["train_math.py", *test_train_math.toy_args(small_toy, tmp_path, "--reg", "gr", "--cuda-graphs")],
+             port=29537)
+    assert [r["step"] for r in test_train_math.read_metrics(tmp_path)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_greedy_generation_on_cuda_matches_hf_generate(graphs):
+    """fp32 (no TF32): our static-cache decode, eager or replayed as a CUDA graph, == HF `generate`."""
+    import grpo
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = grpo.rollout_model(tiny_model("qwen2").cuda(), torch.float32, cuda_graphs=graphs)
+    batch = rollout_batch(n=6, prompt_len=7, completion_len=1, group=3, device="cuda")
+    ids, mask = batch["input_ids"][:, :7], batch["attention_mask"][:, :7]
+    for _ in range(2):  # the second call replays the recorded graph
+        ours, _ = grpo.generate(model, ids, mask, max_new_tokens=20, eos_token_ids=[VOCAB + 1], pad_token_id=0,
+                                temperature=0)
+    hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=20, min_new_tokens=20,
+                        eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours[:, :20], hf[:, 7:])
+
+
+def test_bf16_replica_on_cuda_follows_the_policy():
+    import grpo
+    policy = tiny_model("qwen2").cuda()
+    replica = grpo.rollout_model(policy, torch.bfloat16)
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    grpo.train_step(policy, opt, rollout_batch(device="cuda"), reg="gr", temperature=0.7, normalizer=42,
+                    micro_batch_size=6, gamma=1e-3, eps=1e-3)
+    grpo.refresh_rollout_model(replica, policy)
+    assert all(torch.equal(r, p.detach().to(torch.bfloat16)) for r, p in zip(replica.parameters(), policy.parameters()))
+    batch = rollout_batch(n=8, prompt_len=5, completion_len=1, group=4, device="cuda")
+    out, mask = grpo.generate(replica, batch["input_ids"][:, :5], batch["attention_mask"][:, :5], max_new_tokens=16,
+                              eos_token_ids=[1], pad_token_id=0, temperature=0.7,
+                              generator=torch.Generator("cuda").manual_seed(0))
+    assert out.shape[0] == 8 and ((out >= 0) & (out < VOCAB)).all()
 
 
 def test_train_judge_under_torchrun_on_one_gpu(small_judge_toy, tmp_path):

@@ -64,6 +64,13 @@ def test_generation_lockstep_and_identical_greedy(runs):
     assert torch.equal(single["greedy"], sharded["greedy"])
 
 
+def test_replica_rollouts_under_two_ranks_equal_one_process(runs):
+    single, sharded = runs
+    assert not single["replica"]["copy"] and sharded["replica"]["copy"]  # one process: the policy itself
+    assert sharded["replica"]["exact"]  # every rank holds the full, current weights
+    assert torch.equal(single["replica"]["greedy"], sharded["replica"]["greedy"])
+
+
 def test_sharded_checkpoint_loads_with_from_pretrained(runs):
     _, sharded = runs
     model = AutoModelForCausalLM.from_pretrained(sharded["ckpt"], dtype=torch.float64)

@@ -186,3 +186,106 @@ def test_checkpoint_roundtrip(tmp_path):
     assert grpo.load_trainer_state(ckpt, loaded, opt2) == 5
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
+
+
+# ----------------------------------------------------------------------------- generation against HF and the math
+
+@pytest.mark.parametrize("arch,tie", [("qwen2", False), ("qwen2", True), ("llama", False), ("gpt_neox", False)])
+def test_greedy_generation_matches_hf_generate(arch, tie):
+    """Our static-cache decode == HF `generate` (its own cache and masks), unequal left-padded prompts."""
+    model = tiny_model(arch, tie=tie)
+    batch = rollout_batch(n=6, prompt_len=7, completion_len=1, group=3)
+    ids, mask = batch["input_ids"][:, :7], batch["attention_mask"][:, :7]
+    assert len(set(mask.sum(1).tolist())) == 3  # three prompt lengths
+    ours, ours_mask = grpo.generate(model, ids, mask, max_new_tokens=12, eos_token_ids=[VOCAB + 1], pad_token_id=0,
+                                    temperature=0)
+    hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12, min_new_tokens=12,
+                        eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, hf[:, 7:]) and ours_mask.all()
+
+
+def test_sampled_token_frequencies_match_softmax_at_temperature():
+    """40k draws at T = 0.7 against softmax(logits / T), within 5 standard errors of each frequency; at T = 1 the
+    same draws would be far outside (the test can tell the temperatures apart)."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    n, T = 40_000, 0.7
+    p = torch.softmax(logits[0].double() / T, -1)
+    se = (p * (1 - p) / n).sqrt()
+    draws = grpo.sample_token(logits.repeat(n, 1), T, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=6).double() / n
+    assert ((freq - p).abs() <= 5 * se).all(), (freq, p)
+    assert ((freq - torch.softmax(logits[0].double(), -1)).abs() > 5 * se).any()
+
+
+def test_generate_samples_the_first_token_from_softmax_at_temperature():
+    """End to end through `generate` (pre-drawn uniforms, static cache): the first sampled token of 20k copies of
+    one prompt is distributed as softmax(logits / T) of the model's own next-token logits."""
+    model = tiny_model("qwen2")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.5)  # every token likely enough to count, yet T = 0.7 and T = 1 far apart
+    prompt = torch.tensor([[5, 9, 11, 3]])
+    n, T = 20_000, 0.7
+    completion, _ = grpo.generate(model, prompt.repeat(n, 1), torch.ones(n, 4, dtype=torch.long), max_new_tokens=1,
+                                  eos_token_ids=[VOCAB + 1], pad_token_id=0, temperature=T,
+                                  generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        p = torch.softmax(model(prompt).logits[0, -1].double() / T, -1)
+    freq = torch.bincount(completion[:, 0], minlength=VOCAB).double() / n
+    se = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() <= 5 * se).all()
+    with torch.no_grad():
+        p1 = torch.softmax(model(prompt).logits[0, -1].double(), -1)
+    assert ((freq - p1).abs() > 5 * se).any()  # sampling at T = 1 would fail
+
+
+def test_top_k_and_top_p_keep_what_hf_keeps():
+    """Kept tokens equal HF's TopK/TopP logits warpers': integer logits with exact ties at the k-th value (kept),
+    dyadic probabilities whose mass reaches top_p exactly, and 200 random distributions for top-p."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    ties = torch.tensor([[3.0, 2.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0, 0.0]])
+    for k in (1, 2, 3):
+        ours = grpo.filter_logits(ties, top_k=k).isfinite()
+        assert torch.equal(ours, TopKLogitsWarper(k)(None, ties.clone()).isfinite()), k
+    assert grpo.filter_logits(ties, top_k=2).isfinite()[0].tolist() == [True, True, True, False, False]
+    exact = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))  # dyadic: the masses before each token are exact
+    for top_p, kept in ((0.5, 1), (0.75, 2), (0.875, 3)):  # mass before a token ≥ top_p: dropped
+        ours, hf = grpo.filter_logits(exact, top_p=top_p).isfinite(), TopPLogitsWarper(top_p)(None, exact.clone())
+        assert ours.sum() == hf.isfinite().sum() == kept, top_p  # at 0.875 either tied 0.125 may stay
+    logits = torch.randn(200, 50, generator=torch.Generator().manual_seed(0)) * 2
+    for top_p in (0.05, 0.3, 0.5, 0.9, 0.99):
+        ours = grpo.filter_logits(logits, top_p=top_p).isfinite()
+        assert torch.equal(ours, TopPLogitsWarper(top_p)(None, logits.clone()).isfinite()), top_p
+
+
+def test_replica_equals_policy_after_a_step():
+    """The bf16 rollout replica holds the policy's weights rounded to bf16, before and after an optimizer step."""
+    policy = tiny_model()
+    replica = grpo.rollout_model(policy, torch.bfloat16)
+    assert replica is not policy and {p.dtype for p in replica.parameters()} == {torch.bfloat16}
+    assert grpo.rollout_model(policy, torch.float32) is policy  # one process, same dtype: no copy
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in replica.parameters()]
+    grpo.train_step(policy, opt, rollout_batch(), reg="none", temperature=1.0, normalizer=42, micro_batch_size=6)
+    grpo.refresh_rollout_model(replica, policy)
+    for r, p, b in zip(replica.parameters(), policy.parameters(), before):
+        assert torch.equal(r, p.detach().to(torch.bfloat16))
+        assert not torch.equal(r, b) or p.dim() == 1  # it moved (norm weights barely do)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt_neox"])
+def test_decode_step_traces_as_one_graph(arch):
+    """The decode step (HF forward on the static cache + sampling) compiles without graph breaks, as CUDA-graph
+    replay needs (`torch.compile(fullgraph=True)`; the eager backend: tracing only, seconds)."""
+    from transformers import StaticCache
+    model = tiny_model(arch)
+    mask = torch.ones(3, 8, dtype=torch.long)
+    positions = (mask.cumsum(-1) - 1)
+    cache = StaticCache(config=model.config, max_cache_len=8)
+    step = torch.compile(grpo.decode_step, backend="eager", fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[4, 5, 6]] * 3), attention_mask=mask, position_ids=positions[:, :3], cache=cache,
+              use_cache=True)
+        token = torch.tensor([7, 8, 9])
+        for t in range(3, 6):
+            token = step(model, token, positions[:, t], mask, cache, torch.rand(3, 1, dtype=torch.float64), 0.7, 1.0, 0)
+    assert token.shape == (3,)
