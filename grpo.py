@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
+from tqdm import tqdm
 
 from gr import clip_, gr_backward, transformer_blocks
 
@@ -51,6 +52,9 @@ def parse_config(cls, argv=None, presets: dict[str, dict] | None = None):
         flag, default, help_ = "--" + f.name.replace("_", "-"), f.default, f.metadata.get("help", "")
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        elif f.metadata.get("repeatable"):  # --flag a --flag b -> (a, b); none given -> the field's default
+            parser.add_argument(flag, action="append", help=f"{help_} (repeatable; default: {' '.join(default)})",
+                                choices=f.metadata.get("choices"))
         else:
             kind = f.metadata.get("type") or {"int": int, "float": float, "str": str}.get(f.type, f.type)
             parser.add_argument(flag, type=kind, default=default, help=help_, choices=f.metadata.get("choices"))
@@ -60,6 +64,9 @@ def parse_config(cls, argv=None, presets: dict[str, dict] | None = None):
             parser.set_defaults(**presets[known.preset])
     args = vars(parser.parse_args(argv))
     args.pop("preset", None)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("repeatable"):
+            args[f.name] = tuple(args[f.name] or f.default)
     return cls(**args)
 
 
@@ -187,7 +194,7 @@ def refresh_rollout_model(model, policy) -> None:
 
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_ids, pad_token_id: int,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, generator=None):
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, generator=None, progress: str = ""):
     """Sample completions: one prefill forward, then one decode step per token on a static KV cache. temperature 0
     = greedy.
 
@@ -198,6 +205,7 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_i
     whole call; a model marked by `rollout_model(..., cuda_graphs=True)` replays its decode step as a CUDA graph.
     On an FSDP2-sharded model the blocks are gathered once for the whole decode and ranks stop together (every rank
     steps until all ranks are done), so uneven lengths cannot hang a collective; a replica decodes on its own.
+    `progress`: a tqdm bar of that name over the decode steps on rank 0, shown if decoding lasts over 2 s.
     """
     from transformers import StaticCache
     device, (N, P) = prompt_ids.device, prompt_ids.shape
@@ -225,7 +233,7 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_i
                        use_cache=True, logits_to_keep=1).logits[:, -1]
         token = sample_token(logits.float(), temperature, top_p, top_k, uniforms=uniforms[0])
         every = sync_every(device)
-        for t in range(T):
+        for t in tqdm(range(T), desc=progress, disable=not (progress and is_main()), delay=2, leave=False):
             token = torch.where(done, pad_token_id, token)
             tokens[:, t] = token
             done |= torch.isin(token, eos)
@@ -579,7 +587,85 @@ class Timer:
     def __exit__(self, *exc):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.times[f"time/{self._name}"] = time.perf_counter() - self._t0
+        key = f"time/{self._name}"
+        self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - self._t0
+
+
+# ----------------------------------------------------------------------------- watching a run
+
+TRACKER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}  # --report-to value -> the package it needs
+BEST = {"pass@1_greedy": max, "pass@1_sampled": max, "win_rate": max, "gold": max, "bt_accuracy": max,
+        "bt_loss": min}  # eval metrics whose best value summary.json reports
+PHASES = ("generate", "score", "reference", "update", "eval")
+
+
+def check_trackers(report_to) -> None:
+    """The trackers are optional packages: a missing one is one error line at start, before any work."""
+    import importlib.util
+    for name in report_to:
+        if name != "none" and importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            fail(f"--report-to {name} needs the {TRACKER_PACKAGES[name]} package: pip install {TRACKER_PACKAGES[name]}")
+
+
+def open_trackers(report_to, config: dict, out_dir):
+    """(log, close): log(record) sends a metrics.jsonl record's numbers to every --report-to tracker under the same
+    names, at the record's step (the initial eval, step -1, at step 0); the config is logged once. Rank 0 only."""
+    sinks = []
+    if is_main() and "wandb" in report_to:
+        import wandb
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gr-rl"), name=Path(out_dir).name, dir=str(out_dir),
+                         config=config)
+        sinks.append((lambda scalars, step: run.log(scalars, step=step), run.finish))
+    if is_main() and "tensorboard" in report_to:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+        writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
+        sinks.append((lambda scalars, step: [writer.add_scalar(k, v, step) for k, v in scalars.items()], writer.close))
+
+    def log(record: dict) -> None:
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        for send, _ in sinks:
+            send(scalars, max(record["step"], 0))
+
+    def close() -> None:
+        for _, finish in sinks:
+            finish()
+    return log, close
+
+
+def duration(seconds: float) -> str:
+    h, rest = divmod(int(seconds), 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def write_summary(out_dir, *, stopped: str, seconds: float, sequences_per_step: int) -> dict:
+    """OUT_DIR/summary.json from metrics.jsonl (the whole run, resumed parts included): how it stopped, final and
+    best eval metrics with their steps, mean seconds per step of each phase and its share, rollout tokens per second
+    (all ranks), peak GPU memory (the largest rank's). Every rank calls it (the memory is gathered); rank 0 writes."""
+    peak = max(all_gather_objects(torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0))
+    if not is_main():
+        return {}
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["step"] >= 0]
+    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+    times = {p: sum(r.get(f"time/{p}", 0.0) for r in steps) / max(len(steps), 1) for p in PHASES}
+    generated = sum(r.get("completion_length", 0.0) * sequences_per_step for r in steps)
+    summary = {
+        "stopped": stopped, "steps_done": len(steps), "wall_seconds_this_run": round(seconds, 1),
+        "final_eval": {"step": evals[-1]["step"], **{k[5:]: v for k, v in evals[-1].items() if k.startswith("eval/")}}
+        if evals else {},
+        "best_eval": {},
+        "seconds_per_step": {p: round(t, 4) for p, t in times.items()},
+        "share_of_step": {p: round(t / max(sum(times.values()), 1e-12), 4) for p, t in times.items()},
+        "rollout_tokens_per_second": generated / max(sum(r.get("time/generate", 0.0) for r in steps), 1e-12),
+        "peak_gpu_memory_gib": round(peak / 2**30, 3) if torch.cuda.is_available() else None}
+    for key, pick in BEST.items():
+        seen = [(r[f"eval/{key}"], r["step"]) for r in evals if f"eval/{key}" in r]
+        if seen:
+            value, step = pick(seen)
+            summary["best_eval"][key] = {"value": value, "step": step}
+    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 # ----------------------------------------------------------------------------- models, tokenizers, data
@@ -841,6 +927,9 @@ class RLConfig:
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out-dir"})
     seed: int = field(default=0, metadata={"help": "seed; each step's sampling is a function of (seed, step, rank)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model repos to run their own code"})
+    report_to: tuple = field(default=("none",), metadata={
+        "help": "experiment tracker(s) that also receive metrics.jsonl's records (rank 0)", "repeatable": True,
+        "choices": ("none", *TRACKER_PACKAGES)})
 
 
 def validate(cfg: RLConfig, check_model: bool = True) -> None:
@@ -862,6 +951,7 @@ def validate(cfg: RLConfig, check_model: bool = True) -> None:
         cfg.lr = 5e-6 if cfg.reg == "gr" else 3e-6  # paper Tables 5, 8, 9
     if cfg.dtype == "auto":
         cfg.dtype = "bfloat16" if rank_device().type == "cuda" else "float32"
+    check_trackers(cfg.report_to)
     if check_model:
         check_model_path(cfg.model)
 
@@ -914,6 +1004,7 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
         old = metrics_path.read_text().splitlines() if start and metrics_path.exists() else []
         metrics_path.write_text("".join(l + "\n" for l in old if json.loads(l)["step"] < start))
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    track, close_trackers = open_trackers(cfg.report_to, dataclasses.asdict(cfg), out)
     per_rank = cfg.prompts_per_step // world
     normalizer = per_rank * cfg.group_size * cfg.max_new_tokens  # Dr.GRPO: sequences × max completion length
     last_eval = {}
@@ -921,64 +1012,81 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
         with autocast(device, cfg.dtype):
             last_eval = evaluate(rollout, tokenizer, 0)
         log_jsonl(metrics_path, {"step": -1, **{f"eval/{k}": v for k, v in last_eval.items()}})
+        track({"step": -1, **{f"eval/{k}": v for k, v in last_eval.items()}})
         if main:
             print("before RL: " + " ".join(f"{k}={v:.4g}" for k, v in last_eval.items()), flush=True)
 
-    for step in range(start, cfg.steps):
-        timer = Timer()
-        # 1. sample prompts: the same global batch on every rank, a function of (seed, step)
-        torch.manual_seed(step_seed(cfg.seed, step, rank))  # so is any sampling inside `score` (e.g. a judge)
-        picks = np.random.default_rng([cfg.seed, step]).choice(len(rows), cfg.prompts_per_step, replace=False)
-        picks = picks[rank * per_rank:(rank + 1) * per_rank].repeat(cfg.group_size)  # group by group
-        batch_rows = [rows[i] for i in picks]
-        # 2. generate G rollouts per prompt
-        with timer("generate"), autocast(device, gen_dtype):
-            prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [prompts[i] for i in picks], device)
-            completion, cmask = generate(rollout, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
-                                         eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                                         temperature=cfg.temperature,
-                                         generator=step_generator(cfg.seed, step, rank, device))
-        ended = has_eos(completion, eos_ids)
-        texts = tokenizer.batch_decode(completion * cmask + tokenizer.pad_token_id * (1 - cmask),
-                                       skip_special_tokens=True)
-        # 3. score
-        with timer("score"):
-            rewards, terms = score(batch_rows, texts, ended)
-            rewards = rewards.to(device, torch.float32)
-        # 4. advantages (Dr.GRPO: group mean baseline, no std)
-        batch = {"input_ids": torch.cat([prompt_ids, completion], 1),
-                 "attention_mask": torch.cat([prompt_mask, cmask], 1),
-                 "completion_mask": cmask,
-                 "advantages": group_advantages(rewards, cfg.group_size)}
-        if ref is not None:
-            with timer("reference"), autocast(device, cfg.update_dtype):  # same precision as π_φ in the KL
-                batch["ref_logp"] = reference_logprobs(ref, batch, cfg.temperature, cfg.micro_batch_size)
-        if init is not None:
-            with timer("reference"), autocast(device, cfg.update_dtype):
-                batch["init_logp"] = (batch["ref_logp"] if init is ref else
-                                      reference_logprobs(init, batch, cfg.temperature, cfg.micro_batch_size))
-        # 5-6. loss/backward (twice with GR), clip to 1.0, optimizer step
-        with timer("update"), autocast(device, cfg.update_dtype):
-            stats = train_step(policy, optimizer, batch, reg=cfg.reg, temperature=cfg.temperature,
-                               normalizer=normalizer, micro_batch_size=cfg.micro_batch_size, beta=cfg.beta,
-                               kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, eps=cfg.eps,
-                               max_grad_norm=cfg.max_grad_norm, step=step)
-            refresh_rollout_model(rollout, policy)
-        if cfg.reg == "reset" and (step + 1) % cfg.reset_every == 0:
-            reset_reference(ref, policy)
-        # 7. log, evaluate, checkpoint
-        means = {"reward": rewards, **{f"rewards/{k}": v.to(device, torch.float32) for k, v in terms.items()},
-                 "completion_length": cmask.sum(1).float(), "clipped_ratio": (~ended).float()}
-        sums = all_reduce_sum(torch.stack([v.float().mean() for v in means.values()]))
-        record = {"step": step, **{k: v / world for k, v in zip(means, sums.tolist())}, **stats, **timer.times}
-        if evaluate is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
-            with timer("eval"), autocast(device, cfg.dtype):
-                last_eval = evaluate(rollout, tokenizer, step + 1)
-            record.update({f"eval/{k}": v for k, v in last_eval.items()}, **timer.times)
-        log_jsonl(metrics_path, record)
-        if main:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                           if not k.startswith(("time/", "rewards/"))), flush=True)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(out, step + 1, policy, optimizer, tokenizer, ref if cfg.reg == "reset" else None)
+    t_start = time.time()
+
+    def finish(stopped: str) -> None:
+        close_trackers()
+        write_summary(out, stopped=stopped, seconds=time.time() - t_start,
+                      sequences_per_step=cfg.prompts_per_step * cfg.group_size)
+
+    try:
+        for step in range(start, cfg.steps):
+            timer = Timer()
+            # 1. sample prompts: the same global batch on every rank, a function of (seed, step)
+            torch.manual_seed(step_seed(cfg.seed, step, rank))  # so is any sampling inside `score` (e.g. a judge)
+            picks = np.random.default_rng([cfg.seed, step]).choice(len(rows), cfg.prompts_per_step, replace=False)
+            picks = picks[rank * per_rank:(rank + 1) * per_rank].repeat(cfg.group_size)  # group by group
+            batch_rows = [rows[i] for i in picks]
+            # 2. generate G rollouts per prompt
+            with timer("generate"), autocast(device, gen_dtype):
+                prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [prompts[i] for i in picks], device)
+                completion, cmask = generate(rollout, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
+                                             eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                                             temperature=cfg.temperature, progress=f"step {step} generate",
+                                             generator=step_generator(cfg.seed, step, rank, device))
+            ended = has_eos(completion, eos_ids)
+            texts = tokenizer.batch_decode(completion * cmask + tokenizer.pad_token_id * (1 - cmask),
+                                           skip_special_tokens=True)
+            # 3. score
+            with timer("score"):
+                rewards, terms = score(batch_rows, texts, ended)
+                rewards = rewards.to(device, torch.float32)
+            # 4. advantages (Dr.GRPO: group mean baseline, no std)
+            batch = {"input_ids": torch.cat([prompt_ids, completion], 1),
+                     "attention_mask": torch.cat([prompt_mask, cmask], 1),
+                     "completion_mask": cmask,
+                     "advantages": group_advantages(rewards, cfg.group_size)}
+            if ref is not None:
+                with timer("reference"), autocast(device, cfg.update_dtype):  # same precision as π_φ in the KL
+                    batch["ref_logp"] = reference_logprobs(ref, batch, cfg.temperature, cfg.micro_batch_size)
+            if init is not None:
+                with timer("reference"), autocast(device, cfg.update_dtype):
+                    batch["init_logp"] = (batch["ref_logp"] if init is ref else
+                                          reference_logprobs(init, batch, cfg.temperature, cfg.micro_batch_size))
+            # 5-6. loss/backward (twice with GR), clip to 1.0, optimizer step
+            with timer("update"), autocast(device, cfg.update_dtype):
+                stats = train_step(policy, optimizer, batch, reg=cfg.reg, temperature=cfg.temperature,
+                                   normalizer=normalizer, micro_batch_size=cfg.micro_batch_size, beta=cfg.beta,
+                                   kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, eps=cfg.eps,
+                                   max_grad_norm=cfg.max_grad_norm, step=step)
+                refresh_rollout_model(rollout, policy)
+            if cfg.reg == "reset" and (step + 1) % cfg.reset_every == 0:
+                reset_reference(ref, policy)
+            # 7. log, evaluate, checkpoint
+            means = {"reward": rewards, **{f"rewards/{k}": v.to(device, torch.float32) for k, v in terms.items()},
+                     "completion_length": cmask.sum(1).float(), "clipped_ratio": (~ended).float()}
+            sums = all_reduce_sum(torch.stack([v.float().mean() for v in means.values()]))
+            record = {"step": step, **{k: v / world for k, v in zip(means, sums.tolist())}, **stats, **timer.times}
+            if evaluate is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
+                with timer("eval"), autocast(device, cfg.dtype):
+                    last_eval = evaluate(rollout, tokenizer, step + 1)
+                record.update({f"eval/{k}": v for k, v in last_eval.items()}, **timer.times)
+            log_jsonl(metrics_path, record)
+            track(record)
+            if main:
+                elapsed = time.time() - t_start
+                eta = elapsed / (step + 1 - start) * (cfg.steps - step - 1)
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                               if not k.startswith(("time/", "rewards/")))
+                      + f" elapsed={duration(elapsed)} eta={duration(eta)}", flush=True)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                save_checkpoint(out, step + 1, policy, optimizer, tokenizer, ref if cfg.reg == "reset" else None)
+    except FloatingPointError as e:  # the non-finite stop: every rank raises it alike; the summary says so
+        finish(str(e))
+        raise
+    finish("completed")
     return last_eval

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,67 @@ def test_math_task_and_quintiles(small_toy, tmp_path):
                                                       base_results=str(tmp_path / "base.json"), **common))
     assert set(after["quintiles"]) == set(evaluation.QUINTILES)
     assert sum(q["n"] for q in after["quintiles"].values()) == len(rows) - 1
+
+
+# ----------------------------------------------------------------------------- watching a run: trackers, ETA, summary
+
+def fake_wandb(calls: list):
+    """A stand-in `wandb` module that records init/log/finish."""
+    import importlib.machinery
+    import types
+    module = types.ModuleType("wandb")
+    module.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    run = types.SimpleNamespace(log=lambda scalars, step: calls.append(("log", step, scalars)),
+                                finish=lambda: calls.append(("finish",)))
+    module.init = lambda **kwargs: calls.append(("init", kwargs)) or run
+    return module
+
+
+def test_tracker_gets_config_and_every_record_and_summary_adds_up(small_toy, tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb(calls))
+    train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--reg", "gr", "--report-to",
+                                                                  "wandb"), train_math.PRESETS))
+    init, *logs, finish = calls
+    assert init[0] == "init" and init[1]["config"]["reg"] == "gr" and init[1]["config"]["report_to"] == ("wandb",)
+    assert finish == ("finish",)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [step for _, step, _ in logs] == [0, 0, 1, 2]  # the initial eval (step -1) at step 0, then every step
+    for (_, _, scalars), record in zip(logs, records):
+        assert scalars == {k: v for k, v in record.items() if k != "step"}  # metrics.jsonl's names and values
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step=")]
+    assert len(printed) == 3 and all(re.search(r"elapsed=\d+m\d\ds eta=\d+m\d\ds$", line) for line in printed)
+    assert printed[-1].endswith("eta=0m00s")
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    steps = records[1:]
+    assert summary["stopped"] == "completed" and summary["steps_done"] == 3
+    assert summary["final_eval"] == {"step": 2, **{k[5:]: v for k, v in steps[-1].items() if k.startswith("eval/")}}
+    evals = [r for r in records if "eval/pass@1_greedy" in r]
+    best = max(evals, key=lambda r: (r["eval/pass@1_greedy"], r["step"]))
+    assert summary["best_eval"]["pass@1_greedy"] == {"value": best["eval/pass@1_greedy"], "step": best["step"]}
+    for phase in ("generate", "score", "update", "eval"):
+        mean = sum(r.get(f"time/{phase}", 0) for r in steps) / 3
+        assert summary["seconds_per_step"][phase] == pytest.approx(mean, abs=1e-4)
+    assert sum(summary["share_of_step"].values()) == pytest.approx(1, abs=1e-3)
+    tokens = sum(r["completion_length"] * 4 * 4 for r in steps)  # 4 prompts x 4 rollouts per step
+    assert summary["rollout_tokens_per_second"] == pytest.approx(tokens / sum(r["time/generate"] for r in steps))
+    assert summary["peak_gpu_memory_gib"] is None  # the suite runs on the CPU
+
+
+def test_non_finite_stop_still_writes_the_summary(small_toy, tmp_path, monkeypatch):
+    score = train_math.gsm8k_rewards
+    monkeypatch.setattr(train_math, "gsm8k_rewards", lambda c, g: {k: float("nan") for k in score(c, g)})
+    with pytest.raises(FloatingPointError, match="step 0"):
+        train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, tmp_path), train_math.PRESETS))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stopped"].startswith("step 0: non-finite loss") and summary["steps_done"] == 0
+
+
+def test_missing_tracker_package_fails_fast(small_toy, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb([]))  # installed
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # not installed
+    with pytest.raises(SystemExit, match="^error: --report-to tensorboard needs the tensorboard package"):
+        train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--report-to", "wandb",
+                                                                      "--report-to", "tensorboard"), train_math.PRESETS))
+    assert not (tmp_path / "metrics.jsonl").exists()
