@@ -5,25 +5,20 @@ the training temperature); MATH accuracy per difficulty quintile (Table 4), wher
 placed in a quintile by the *base* model's accuracy on it, read from the JSON this script wrote for the base model.
 
 RLHF (§4-5.1, `--task tldr`): win rate of greedy completions vs the dataset's reference judged by the gold RM; gold
-and proxy reward; Bradley-Terry loss / accuracy of the proxy RM on pairs sampled from the policy and labelled by the
-gold RM; KL to the initial policy (Σ_t log π − log π_init over sampled completions, both tempered by T as in
-training); sharpness S = max_i J(φ) − J(φ + ε_i) over random perturbations, J the mean proxy reward of completions
-sampled at T with fixed draws on fixed prompts, every weight tensor W perturbed by ε = σ·rms(W)·N(0, I) (σ =
---sharpness-sigma, default 0.02); and the policy-gradient norm.
+and proxy reward; Bradley-Terry loss / accuracy of the proxy on pairs sampled from the policy, labelled by the gold;
+KL to the initial policy (Σ_t log π − log π_init over samples, both tempered by T as in training); sharpness S =
+max_i J(φ) − J(φ + ε_i), J the mean proxy reward of samples at T with fixed draws on fixed prompts, every weight
+tensor W perturbed by ε = σ·rms(W)·N(0, I) (σ = --sharpness-sigma, 0.02); the policy-gradient norm.
 
     python eval.py --checkpoint runs/math/ckpt-000500 --task gsm8k --samples 4 --out runs/math/eval.json
     torchrun --nproc_per_node=8 eval.py --checkpoint Qwen/Qwen2.5-1.5B-Instruct --task math --out base.json
     python eval.py --checkpoint runs/math_gr/ckpt-001000 --task math --base-results base.json
-    python eval.py --task tldr --checkpoint runs/tldr/rl-gr/ckpt-001000 --proxy-rm runs/tldr/rm \\
-        --reference-model runs/tldr/sft --limit 512 --out runs/tldr/rl-gr/eval.json
-    python eval.py --task tldr --checkpoint runs/toy_tldr/rl-gr/ckpt-000150 --dataset .cache/toy/tldr_test.jsonl \\
+    python eval.py --task tldr --checkpoint runs/toy_tldr/rl-gr/ckpt-000150 --dataset .cache/toy/tldr_test.jsonl \
         --gold-rm toy --proxy-rm runs/toy_tldr/rm --reference-model runs/toy_tldr/sft --max-new-tokens 16
-    python eval.py plot runs/toy_tldr/rl-none runs/toy_tldr/rl-gr --out fig.png \\
-        --panel step:rewards/proxy,rewards/gold --panel eval/kl:eval/gold     # metrics.jsonl curves -> PNG
+    python eval.py plot runs/toy_tldr/rl-none runs/toy_tldr/rl-gr --out fig.png --panel step:rewards/proxy,rewards/gold
 
 Writes a JSON summary (also printed). Under torchrun the problems are split across ranks.
 """
-
 import json
 import math
 import sys
@@ -282,65 +277,87 @@ def sharpness(model, objective, *, perturbations: int = 32, sigma: float = 0.02,
             "J_perturbed_mean": j0 - sum(drops) / len(drops) if drops else j0}
 
 
-def rlhf_evaluator(rows: list[dict], gold, proxy, init_model, *, max_new_tokens: int, temperature: float,
-                   batch_size: int, seed: int = 0, pairs: int = 128, sharpness_prompts: int = 64,
-                   sharpness_perturbations: int = 32, sharpness_sigma: float = 0.02):
-    """evaluate(model, tokenizer, step) -> the RLHF metrics of `model` on `rows` (module docstring), for the RL loop
-    and `--task tldr`. `gold`/`proxy`: `make_gold`/`make_proxy`; `init_model`: the initial policy for the KL. Every
-    rank calls it; each generates its share of the prompts."""
-    reference_gold = {}  # gold score of the dataset references, computed once
+def policy_samples(model, tokenizer, items: list[dict], messages, *, temperature: float, stream: int, seed: int,
+                   max_new_tokens: int, batch_size: int):
+    """`grpo.rollouts` batches for the rows `items` (prompt = messages(row)), sampled with fixed draws (a function
+    of seed, stream and rank: the same at every eval); temperature 0 = greedy."""
+    rank, device = grpo.rank_and_world()[0], next(model.parameters()).device
+    gen = None if temperature == 0 else grpo.step_generator(seed, 10**6 + stream, rank, device)
+    return grpo.rollouts(model, tokenizer, [render_chat(tokenizer, messages(r)) for r in items],
+                         max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, generator=gen)
 
-    def generate(model, tokenizer, items, temperature, stream):
-        rank, device = grpo.rank_and_world()[0], next(model.parameters()).device
-        gen = None if temperature == 0 else grpo.step_generator(seed, 10**6 + stream, rank, device)
-        return grpo.rollouts(model, tokenizer, [render_chat(tokenizer, tldr_messages(r)) for r in items],
-                             max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
-                             generator=gen)
+
+def score_batches(batches, items: list[dict], batch_size: int, *scorers) -> torch.Tensor:
+    """(n, len(scorers)): every scorer(rows, texts, has_eos) -> (b,) on every batch of `policy_samples(items)`."""
+    return torch.cat([torch.stack([f(items[s:s + batch_size], b["texts"], b["ended"]) for f in scorers], 1)
+                      for s, b in zip(range(0, len(items), batch_size), batches)])
+
+
+def proxy_on_policy(model, tokenizer, rows: list[dict], messages, proxy, gold, *, init_model=None, **sampling) -> dict:
+    """Two samples per row from the policy: the proxy's Bradley-Terry loss / accuracy on them as pairs oriented by
+    the gold (true) reward, the samples' mean proxy and gold reward, and with `init_model` the KL to it."""
+    rank, world = grpo.rank_and_world()
+    mine = grpo.shard_list(list(range(len(rows))), rank, world)
+    twice = [rows[i] for i in mine for _ in range(2)]
+    batches = list(policy_samples(model, tokenizer, twice, messages, stream=1, **sampling))
+    cols = score_batches(batches, twice, sampling["batch_size"], proxy, gold)
+    if init_model is not None:
+        cols = torch.cat([cols, torch.cat([sequence_kl(model, init_model, b, sampling["temperature"])
+                                           for b in batches])[:, None]], 1)
+    k = cols.shape[1]
+    g = grpo.all_gather_rows(cols.view(len(mine), 2 * k), mine, len(rows))  # (proxy, gold[, kl]) of a, then of b
+    out = {**bt_loss_on_policy(g[:, 0], g[:, k], g[:, 1], g[:, k + 1]),
+           "sampled_gold": g[:, [1, k + 1]].mean().item(), "sampled_proxy": g[:, [0, k]].mean().item()}
+    return {**out, "kl": g[:, [2, k + 2]].mean().item()} if init_model is not None else out
+
+
+def proxy_sharpness(model, tokenizer, rows: list[dict], messages, proxy, *, perturbations: int, sigma: float,
+                    **sampling) -> dict:
+    """`sharpness` of J(φ) = the mean proxy reward of completions of `rows` sampled with fixed draws."""
+    rank, world = grpo.rank_and_world()
+    mine = grpo.shard_list(list(range(len(rows))), rank, world)
+    items = [rows[i] for i in mine]
+
+    def objective():
+        batches = policy_samples(model, tokenizer, items, messages, stream=2, **sampling)
+        return grpo.all_gather_rows(score_batches(batches, items, sampling["batch_size"], proxy), mine,
+                                    len(rows)).mean().item()
+
+    s = sharpness(model, objective, perturbations=perturbations, sigma=sigma, seed=sampling["seed"])
+    return {"sharpness": s["sharpness"], "sharpness_J": s["J"], "sharpness_J_perturbed": s["J_perturbed_mean"]}
+
+
+def rlhf_evaluator(rows: list[dict], gold, proxy, init_model, *, pairs: int = 128, sharpness_prompts: int = 64,
+                   sharpness_perturbations: int = 32, sharpness_sigma: float = 0.02, **sampling):
+    """evaluate(model, tokenizer, step) -> the RLHF metrics of `model` on `rows` (module docstring), for the RL loop
+    and `--task tldr`. `gold`/`proxy`: `make_gold`/`make_proxy`; `init_model`: the initial policy for the KL;
+    sampling: temperature, seed, max_new_tokens, batch_size. Every rank calls it; each generates its share."""
+    reference_gold = {}  # gold score of the dataset references, computed once
 
     def evaluate(model, tokenizer, step):
         rank, world = grpo.rank_and_world()
         # 1. greedy completions vs the references, both judged by the gold RM -> win rate
         mine = grpo.shard_list(list(range(len(rows))), rank, world)
-        mine_rows = [rows[i] for i in mine]
-        batches = list(generate(model, tokenizer, mine_rows, 0.0, 0))
+        items = [rows[i] for i in mine]
+        batches = list(policy_samples(model, tokenizer, items, tldr_messages, stream=0,
+                                      **{**sampling, "temperature": 0.0}))
         texts, ended = [t for b in batches for t in b["texts"]], torch.cat([b["ended"] for b in batches])
         if "scores" not in reference_gold:
-            reference_gold["scores"] = gold(mine_rows, [r["reference"] for r in mine_rows],
-                                            torch.ones(len(mine), dtype=torch.bool))
+            reference_gold["scores"] = gold(items, [r["reference"] for r in items], torch.ones(len(mine), dtype=bool))
         lengths = torch.tensor([len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts])
-        local = torch.stack([gold(mine_rows, texts, ended), proxy(mine_rows, texts, ended), reference_gold["scores"],
+        local = torch.stack([gold(items, texts, ended), proxy(items, texts, ended), reference_gold["scores"],
                              lengths.float(), ended.float()], 1)
         g = grpo.all_gather_rows(local, mine, len(rows))
         keys = ("gold", "proxy", "reference_gold", "length", "eos_rate")
         out = {"win_rate": win_rate(g[:, 0], g[:, 2]), **{k: g[:, j].mean().item() for j, k in enumerate(keys)}}
-        # 2. two samples per prompt: BT loss / accuracy of the proxy on gold-labelled policy pairs; KL to the init
-        n_pairs = min(pairs, len(rows))
-        if n_pairs:
-            mine = grpo.shard_list(list(range(n_pairs)), rank, world)
-            twice = [rows[i] for i in mine for _ in range(2)]
-            cols = torch.cat([torch.stack([proxy(twice[s:s + batch_size], b["texts"], b["ended"]),
-                                           gold(twice[s:s + batch_size], b["texts"], b["ended"]),
-                                           sequence_kl(model, init_model, b, temperature)], 1)
-                              for s, b in zip(range(0, len(twice), batch_size),
-                                              generate(model, tokenizer, twice, temperature, 1))])
-            g = grpo.all_gather_rows(cols.view(len(mine), 6), mine, n_pairs)  # (proxy, gold, kl) of a, then of b
-            out.update(bt_loss_on_policy(g[:, 0], g[:, 3], g[:, 1], g[:, 4]))
-            out.update(kl=g[:, [2, 5]].mean().item(), sampled_gold=g[:, [1, 4]].mean().item(),
-                       sampled_proxy=g[:, [0, 3]].mean().item())
+        # 2. the proxy's error on gold-labelled pairs of policy samples; KL to the initial policy
+        if pairs:
+            out.update(proxy_on_policy(model, tokenizer, rows[:pairs], tldr_messages, proxy, gold,
+                                       init_model=init_model, **sampling))
         # 3. sharpness of J(φ) = mean proxy reward on fixed prompts with fixed sampling draws
-        n_sharp = min(sharpness_prompts, len(rows))
-        if sharpness_perturbations and n_sharp:
-            mine = grpo.shard_list(list(range(n_sharp)), rank, world)
-            items = [rows[i] for i in mine]
-
-            def objective():
-                batches = generate(model, tokenizer, items, temperature, 2)
-                rewards = torch.cat([proxy(items[s:s + batch_size], b["texts"], b["ended"])
-                                     for s, b in zip(range(0, len(items), batch_size), batches)])
-                return grpo.all_gather_rows(rewards[:, None], mine, n_sharp).mean().item()
-
-            s = sharpness(model, objective, perturbations=sharpness_perturbations, sigma=sharpness_sigma, seed=seed)
-            out.update(sharpness=s["sharpness"], sharpness_J=s["J"], sharpness_J_perturbed=s["J_perturbed_mean"])
+        if sharpness_perturbations and sharpness_prompts:
+            out.update(proxy_sharpness(model, tokenizer, rows[:sharpness_prompts], tldr_messages, proxy,
+                                       perturbations=sharpness_perturbations, sigma=sharpness_sigma, **sampling))
         return out
 
     return evaluate
@@ -386,8 +403,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 def evaluate_reasoning(cfg: EvalConfig) -> dict:
     dataset, config, fields = TASKS[cfg.task]
-    rows = grpo.load_rows(cfg.dataset or dataset, cfg.split, fields, config)
-    rows = rows[:cfg.limit] if cfg.limit else rows
+    rows = grpo.load_rows(cfg.dataset or dataset, cfg.split, fields, config)[:cfg.limit or None]
     base = None
     if cfg.base_results:
         if cfg.task != "math":
@@ -426,8 +442,7 @@ def evaluate_tldr(cfg: EvalConfig, grad_norm: bool = True) -> dict:
         grpo.check_model_path(name, what)
     if cfg.gold_rm != TOY_GOLD:
         grpo.check_model_path(cfg.gold_rm, "--gold-rm")
-    rows = load_tldr_rows(cfg.dataset or TASKS["tldr"][0], cfg.split)
-    rows = rows[:cfg.limit] if cfg.limit else rows
+    rows = load_tldr_rows(cfg.dataset or TASKS["tldr"][0], cfg.split)[:cfg.limit or None]
     rank, world, device = grpo.init_distributed()
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     rm_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
@@ -448,9 +463,8 @@ def evaluate_tldr(cfg: EvalConfig, grad_norm: bool = True) -> dict:
             metrics["grad_norm"] = policy_gradient_norm(policy, tokenizer, rows, proxy, seed=cfg.seed,
                                                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                                         micro_batch_size=cfg.batch_size)
-    return {"checkpoint": cfg.checkpoint, "task": "tldr", "n": len(rows), "gold_rm": cfg.gold_rm,
-            "proxy_rm": cfg.proxy_rm, "reference_model": cfg.reference_model, "sharpness_sigma": cfg.sharpness_sigma,
-            "sharpness_perturbations": cfg.sharpness_perturbations, **metrics}
+    keys = ("checkpoint", "task", "gold_rm", "proxy_rm", "reference_model", "sharpness_sigma", "sharpness_perturbations")
+    return {**{k: getattr(cfg, k) for k in keys}, "n": len(rows), **metrics}
 
 
 # ----------------------------------------------------------------------------- curves from metrics.jsonl

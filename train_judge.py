@@ -35,6 +35,12 @@ class Config(grpo.RLConfig):
     judge_batch_size: int = field(default=64, metadata={"help": "judge prompts per generate call"})
     judge_max_new_tokens: int = field(default=64, metadata={"help": "judge reply length (paper: 64)"})
     failure_reward: float = field(default=-2.0, metadata={"help": "judge reward when its score is unparsable"})
+    eval_pairs: int = field(default=0, metadata={"help": "eval prompts sampled twice: the judge's Bradley-Terry loss "
+                                                         "/ accuracy against the rule on the policy's samples (0: off)"})
+    sharpness_perturbations: int = field(default=0, metadata={"help": "eval: sharpness of the mean judge reward "
+                                                                      "over this many perturbations (0: off)"})
+    sharpness_sigma: float = field(default=0.02, metadata={"help": "perturbation std relative to each tensor's RMS"})
+    sharpness_prompts: int = field(default=32, metadata={"help": "prompts of the sharpness objective J"})
 
 
 PRESETS = {
@@ -78,12 +84,33 @@ def main(cfg: Config):
         terms["true_reward"] = torch.tensor([t["correctness"] / 2.0 for t in rule])  # logged, never trained on
         return judged + sum(terms[k] for k in FORMAT_TERMS), terms
 
+    def judged(rows, completions, has_eos):  # the eval's proxy: fixed judge draws, so J(φ) is a function of φ
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            return judge_rewards(judge, judge_tokenizer, [r["question"] for r in rows], completions,
+                                 [r["answer"] for r in rows], batch_size=cfg.judge_batch_size,
+                                 max_new_tokens=cfg.judge_max_new_tokens, failure_reward=cfg.failure_reward)[0]
+
+    def rule(rows, completions, has_eos):  # the truth: rule-based correctness
+        return torch.tensor([gsm8k_rewards(c, gsm8k_gold(r["answer"]))["correctness"]
+                             for r, c in zip(rows, completions)])
+
     def evaluate(model, tokenizer, step):
         common = dict(system_prompt=system, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
         greedy = evaluation.pass_at_1(model, tokenizer, "gsm8k", test, **common)
         sampled = evaluation.pass_at_1(model, tokenizer, "gsm8k", test, temperature=cfg.temperature, seed=cfg.seed,
                                        **common)
-        return {"pass@1_greedy": evaluation.mean(greedy), "pass@1_sampled": evaluation.mean(sampled)}
+        out = {"pass@1_greedy": evaluation.mean(greedy), "pass@1_sampled": evaluation.mean(sampled)}
+        sampling = dict(temperature=cfg.temperature, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
+                        batch_size=cfg.gen_batch_size)
+        if cfg.eval_pairs:  # the judge's error on the policy's own samples
+            out.update(evaluation.proxy_on_policy(model, tokenizer, test[:cfg.eval_pairs], make_prompt, judged, rule,
+                                                  **sampling))
+        if cfg.sharpness_perturbations:
+            out.update(evaluation.proxy_sharpness(model, tokenizer, test[:cfg.sharpness_prompts], make_prompt, judged,
+                                                  perturbations=cfg.sharpness_perturbations,
+                                                  sigma=cfg.sharpness_sigma, **sampling))
+        return out
 
     return grpo.rl_train(cfg, train, make_prompt, score, evaluate)
 

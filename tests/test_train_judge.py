@@ -57,3 +57,13 @@ def test_missing_judge_is_a_one_line_error(small_judge_toy, tmp_path):
     with pytest.raises(SystemExit, match="--judge .* no such directory"):
         train_judge.main(grpo.parse_config(train_judge.Config, judge_args(
             small_judge_toy, tmp_path, "--judge", str(tmp_path / "nope")), train_judge.PRESETS))
+
+
+def test_judge_error_and_sharpness_evals(small_judge_toy, tmp_path):
+    """The eval's judge draws are fixed, so at σ = 0 every perturbation gives back J exactly: sharpness 0."""
+    final = train_judge.main(grpo.parse_config(train_judge.Config, judge_args(
+        small_judge_toy, tmp_path, "--steps", "1", "--eval-pairs", "6", "--sharpness-perturbations", "2",
+        "--sharpness-prompts", "6", "--sharpness-sigma", "0"), train_judge.PRESETS))
+    assert final["sharpness"] == 0 and final["sharpness_J"] == final["sharpness_J_perturbed"]
+    assert {"bt_loss", "bt_accuracy", "bt_pairs", "sampled_gold", "sampled_proxy"} <= final.keys()
+    assert final["bt_pairs"] <= 6 and final["sampled_gold"] in {i / 12 * 2 for i in range(13)}  # 12 samples, 0 or 2
