@@ -1,26 +1,31 @@
-"""Reward hacking you can watch on a laptop: --reg none vs kl vs reset vs gr on the offline toys (paper §4-5).
+"""Reward hacking on the offline toys, and the mechanism the paper proposes: --reg none vs kl vs reset vs gr (§3-5).
 
-    python study.py                                   # both toys, the sweep on one seed: ≈ 19 min on 2 cores
-    python study.py --seeds 3                         # then the chosen β/γ on two more seeds (seed spread)
+    python study.py              # both toys, 7 regimes x 3 seeds, mean ± sd (time: see the README)
+    python study.py --quick      # the earlier one-seed sweep: KL β ∈ {0.05, 0.2}, reset, GR γ ∈ {1e-3, 1e-2, 1e-1}
 
-Two imperfect proxies, as in the paper: the toy LLM judge of train_judge.py (a 0.85M-param LM taught the App. C.5
-format; the rule-based correctness is the true reward) and the toy reward model of train_tldr.py (a tiny RM
-trained on a limited set of gold-labelled pairs; the programmatic gold reward is the truth). Every run is the
-real script in a subprocess with matched budgets (same steps, batch, lr unless the regime says otherwise).
+Two imperfect proxies, as in the paper: the toy LLM judge of train_judge.py (true reward: rule-based correctness)
+and the toy reward model of train_tldr.py (true reward: the programmatic gold). The paper's claim is a mechanism: GR
+and reference resets keep the policy where the proxy reward is flat, and there the proxy is more accurate (§3-4,
+Fig. 3-4). So besides the proxy and true reward, every run logs GR's own size each step (`gr/correction_ratio` =
+‖(γ/ε)(clip(g2) − g1)‖ / ‖g1‖ over the blocks), and at its evals the sharpness S of the mean proxy reward (eval.py;
+8 perturbations here, σ = 0.02) and the proxy's error on the policy's own samples (Bradley-Terry loss / accuracy of
+the proxy on pairs of samples oriented by the true reward).
 
-Protocol: on seed 0 every regime runs with a small sweep (KL β as in Tables 6-7, GR γ ∈ {1e-3, 1e-2, 1e-1});
-the best β and γ by final true reward (an oracle choice, like the paper's grid search) are rerun on the other
-seeds, with plain no-reg, no-reg at half the learning rate (anything that slows learning looks safer per step)
-and reference resets. Outputs under --out-dir: each run's metrics.jsonl, `table.md` (final and best true
-reward, proxy reward, KL to the initial policy, step at which the true reward fell 0.1 below its best) and PNGs
-in the paper's style (proxy and true reward over steps with a gradient-norm panel, Fig. 7-8; true reward vs KL,
-Fig. 4).
+Protocol: every run is the real script in a subprocess with matched budgets (same steps, batch, lr): no reg, no reg
+at half the lr (anything that slows learning looks safer per step), KL at β = 0.2 (the better β of the one-seed sweep
+on both toys), reset (β 0.3, R = 20) and GR at γ ∈ {1e-3, 1e-2, 3e-2}, each on 3 seeds. Outputs under --out-dir:
+each run's metrics.jsonl, table.md (mean ± sd over seeds of: final and best true reward, final proxy reward, KL to
+the initial policy, GR's correction ratio, final sharpness, final proxy BT accuracy), true_vs_kl.png (true reward vs
+KL to init, every run, Fig. 4 style) and diagnostics.png (sharpness, proxy accuracy and GR's correction ratio over
+steps, mean over seeds).
 """
 
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,22 +34,30 @@ import grpo
 
 ROOT = Path(__file__).resolve().parent
 TASKS = {
-    "judge": dict(script="train_judge.py", args=["--preset", "toy", "--log-kl-init"],
-                  proxy="rewards/judge_correctness", true="rewards/true_reward", kl="kl_init", lr=1e-4, steps=30),
-    # the RL stage against the toy's SFT policy and proxy RM (built once by `prepare`), sharpness off for speed
+    "judge": dict(script="train_judge.py", args=["--preset", "toy", "--log-kl-init", "--eval-pairs", "64",
+                                                 "--sharpness-perturbations", "8", "--sharpness-prompts", "32"],
+                  proxy="rewards/judge_correctness", true="rewards/true_reward", lr=1e-4, steps=30, eval_every=10),
+    # the RL stage against the toy's SFT policy and proxy RM (built once by `prepare`)
     "rm": dict(script="train_tldr.py", args=["--preset", "toy", "--stage", "rl", "--log-kl-init",
-                                             "--sharpness-perturbations", "0"],
-               proxy="rewards/proxy", true="rewards/gold", kl="kl_init", lr=1e-4, steps=100),
+                                             "--sharpness-perturbations", "8"],
+               proxy="rewards/proxy", true="rewards/gold", lr=1e-4, steps=100, eval_every=25),
 }
-BETAS = {"kl": (0.05, 0.2), "reset": (0.3,)}
-GAMMAS = (1e-3, 1e-2, 1e-1)
+REGIMES = {"none": ["--reg", "none"], "none-half-lr": ["--reg", "none", "--lr-scale", "0.5"],
+           "kl-b0.2": ["--reg", "kl", "--beta", "0.2"], "reset-b0.3": ["--reg", "reset", "--beta", "0.3"],
+           **{f"gr-g{g:g}": ["--reg", "gr", "--gamma", str(g)] for g in (1e-3, 1e-2, 3e-2)}}
+QUICK = {**{k: v for k, v in REGIMES.items() if not k.startswith("gr")}, "kl-b0.05": ["--reg", "kl", "--beta", "0.05"],
+         **{f"gr-g{g:g}": ["--reg", "gr", "--gamma", str(g)] for g in (1e-3, 1e-2, 1e-1)}}
+COLUMNS = {"final_true": "final true", "best_true": "best true", "final_proxy": "final proxy", "kl_init": "KL to init",
+           "correction_ratio": "GR correction / ‖g1‖", "sharpness": "final sharpness",
+           "bt_accuracy": "final proxy BT accuracy"}
 
 
 @dataclass
 class StudyConfig:
-    """Run --reg none|kl|reset|gr on the toy judge and toy RM tasks and tabulate reward hacking."""
+    """Run --reg none|kl|reset|gr on the toy judge and toy RM tasks: reward hacking, sharpness, proxy error."""
     tasks: str = field(default="judge,rm", metadata={"help": "comma-separated: judge, rm"})
-    seeds: int = field(default=1, metadata={"help": "seeds (seed 0 carries the β/γ sweep)"})
+    seeds: int = field(default=3, metadata={"help": "seeds per regime"})
+    quick: bool = field(default=False, metadata={"help": "the one-seed sweep of KL β and GR γ instead"})
     steps: int = field(default=0, metadata={"help": "RL steps of every run (0 = per task: judge 30, rm 100)"})
     reset_every: int = field(default=20, metadata={"help": "R for --reg reset (scaled down from the paper's 200)"})
     parallel: int = field(default=2, metadata={"help": "runs at a time (one thread each)"})
@@ -54,34 +67,19 @@ class StudyConfig:
                                                            "points the runs at other models)"})
 
 
-def regimes(seed: int, best: dict) -> dict[str, list[str]]:
-    """Name -> flags. Seed 0 sweeps β and γ; later seeds rerun the best of each."""
-    out = {"none": ["--reg", "none"], "none-half-lr": ["--reg", "none", "--lr-scale", "0.5"]}
-    for reg in ("kl", "reset"):
-        for beta in (BETAS[reg] if seed == 0 else (best[reg],)):
-            out[f"{reg}-b{beta:g}"] = ["--reg", reg, "--beta", str(beta)]
-    for gamma in (GAMMAS if seed == 0 else (best["gr"],)):
-        out[f"gr-g{gamma:g}"] = ["--reg", "gr", "--gamma", str(gamma)]
-    return out
-
-
 def run_one(cfg: StudyConfig, task: str, name: str, flags: list[str], seed: int) -> Path:
     spec, out = TASKS[task], Path(cfg.out_dir) / task / f"{name}-s{seed}"
     if (out / "done").exists():
         return out
-    if task == "rm":  # every run shares the toy's sft/ and rm/, writes its own RL dir
-        flags = flags + ["--rl-dir", str(out)]
-    if "--lr-scale" in flags:  # half the task's learning rate
+    if "--lr-scale" in flags:  # a fraction of the task's learning rate
         i = flags.index("--lr-scale")
         flags = flags[:i] + ["--lr", str(spec["lr"] * float(flags[i + 1]))] + flags[i + 2:]
     steps = cfg.steps or spec["steps"]
-    cmd = [sys.executable, spec["script"], *spec["args"], *flags, "--seed", str(seed), "--steps", str(steps),
-           "--reset-every", str(cfg.reset_every), "--eval-every", str(steps), "--save-every", str(steps),
-           *(["--out-dir", str(out)] if task != "rm" else []), *cfg.extra.split()]
-    if spec["lr"] is not None and "--lr" not in flags:
-        cmd += ["--lr", str(spec["lr"])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    where = ["--rl-dir", str(out)] if task == "rm" else ["--out-dir", str(out)]  # rm runs share the toy's sft/, rm/
+    cmd = [sys.executable, spec["script"], *spec["args"], *flags, *where, "--seed", str(seed), "--steps", str(steps),
+           "--reset-every", str(cfg.reset_every), "--eval-every", str(min(spec["eval_every"], steps)),
+           "--save-every", str(steps), *([] if "--lr" in flags else ["--lr", str(spec["lr"])]), *cfg.extra.split()]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{task}/{name} seed {seed} failed:\n{' '.join(cmd)}\n{proc.stderr[-3000:]}")
     (out / "done").write_text("")
@@ -92,8 +90,7 @@ def run_one(cfg: StudyConfig, task: str, name: str, flags: list[str], seed: int)
 def prepare(task: str) -> None:
     """Build the task's toy artefacts once (the runs themselves then only read them)."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    stages = ["sft", "rm"] if task == "rm" else []
-    for stage in stages:
+    for stage in (["sft", "rm"] if task == "rm" else []):
         subprocess.run([sys.executable, "train_tldr.py", "--preset", "toy", "--stage", stage, "--resume"],
                        cwd=ROOT, env=env, check=True, capture_output=True)
     if task == "judge":
@@ -104,72 +101,112 @@ def moving_average(xs: list[float], window: int = 10) -> list[float]:
     return [sum(xs[max(0, i - window + 1):i + 1]) / len(xs[max(0, i - window + 1):i + 1]) for i in range(len(xs))]
 
 
+def read(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def summarize(run: Path, spec: dict) -> dict:
-    """Final/best true reward, final proxy, KL to init, and the step where the true reward fell 0.1 below its best."""
-    rows = [r for r in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
-            if r.get("step", -1) >= 0 and spec["true"] in r]
+    """One run: final/best true reward (10-step moving averages), final proxy, KL to init, the step where the true
+    reward fell 0.1 below its best, GR's mean correction ratio, and the last eval's sharpness and proxy accuracy."""
+    records = read(run)
+    rows = [r for r in records if r["step"] >= 0 and spec["true"] in r]
     true, proxy = moving_average([r[spec["true"]] for r in rows]), moving_average([r[spec["proxy"]] for r in rows])
     best = max(range(len(true)), key=true.__getitem__)
-    collapse = next((rows[i]["step"] for i in range(best, len(true)) if true[i] < true[best] - 0.1), None)
+    evals = [r for r in records if "eval/sharpness" in r]
+    ratios = [r["gr/correction_ratio"] for r in rows if "gr/correction_ratio" in r]
     return {"final_true": true[-1], "best_true": true[best], "final_proxy": proxy[-1],
-            "kl_init": rows[-1].get(spec["kl"], float("nan")), "collapse_step": collapse,
-            "g1_norm": moving_average([r["g1_norm"] for r in rows])[-1]}
+            "kl_init": rows[-1].get("kl_init", float("nan")),
+            "collapse_step": next((rows[i]["step"] for i in range(best, len(true)) if true[i] < true[best] - 0.1), None),
+            "correction_ratio": statistics.mean(ratios) if ratios else float("nan"),
+            "sharpness": evals[-1]["eval/sharpness"] if evals else float("nan"),
+            "bt_accuracy": evals[-1].get("eval/bt_accuracy", float("nan")) if evals else float("nan")}
+
+
+def mean_sd(values: list[float]) -> str:
+    if any(v != v for v in values):  # nan: the metric does not apply (e.g. GR's correction without GR)
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    lines = ["| regime | seeds | final true | best true | final proxy | KL to init | true fell 0.1 below best at |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| regime | seeds | " + " | ".join(COLUMNS.values()) + " | true fell 0.1 below best at |",
+             "| --- " * (len(COLUMNS) + 3) + "|"]
     for name, rs in results.items():
-        mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
-        spread = lambda k: (max(r[k] for r in rs) - min(r[k] for r in rs)) / 2  # noqa: E731
-        fmt = lambda k: f"{mean(k):.3f}" + (f" ± {spread(k):.3f}" if len(rs) > 1 else "")  # noqa: E731
         collapse = ", ".join("—" if r["collapse_step"] is None else str(r["collapse_step"]) for r in rs)
-        lines.append(f"| {name} | {len(rs)} | {fmt('final_true')} | {fmt('best_true')} | {fmt('final_proxy')} | "
-                     f"{fmt('kl_init')} | {collapse} |")
+        lines.append(f"| {name} | {len(rs)} | " + " | ".join(mean_sd([r[k] for r in rs]) for k in COLUMNS)
+                     + f" | {collapse} |")
     return "\n".join(lines)
 
 
-def main(cfg: StudyConfig):
-    from eval import plot_runs
+def plot(task: str, spec: dict, runs: dict[str, list[Path]], out: Path) -> list[Path]:
+    """true_vs_kl.png: true reward (moving average) against KL to init, every run, one colour per regime (Fig. 4).
+    diagnostics.png: sharpness and proxy BT accuracy at the evals, GR's correction ratio per step; mean over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = dict(zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for name, paths in runs.items():
+        for k, path in enumerate(paths):
+            rows = [r for r in read(path) if r["step"] >= 0 and "kl_init" in r]
+            ax.plot([r["kl_init"] for r in rows], moving_average([r[spec["true"]] for r in rows]), color=colors[name],
+                    alpha=0.8, linewidth=1, label=name if k == 0 else None)
+    ax.set(xlabel="KL to the initial policy", ylabel=f"true reward ({spec['true']})", title=f"{task}: true reward vs KL")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "true_vs_kl.png", dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for ax, key, label in zip(axes, ("eval/sharpness", "eval/bt_accuracy", "gr/correction_ratio"),
+                              ("sharpness S of the proxy reward", "proxy BT accuracy on policy pairs",
+                               "GR correction / ‖g1‖")):
+        for name, paths in runs.items():
+            series = [[(r["step"], r[key]) for r in read(p) if key in r] for p in paths]
+            if series and series[0]:
+                steps = [s for s, _ in series[0]]
+                means = [statistics.mean(v for _, v in column) for column in zip(*series)]
+                ax.plot(steps, means if key.startswith("eval/") else moving_average(means), color=colors[name],
+                        marker="o" if key.startswith("eval/") else None, markersize=3, label=name)
+        ax.set(xlabel="step", ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{task}: mean over seeds")
+    fig.tight_layout()
+    fig.savefig(out / "diagnostics.png", dpi=110)
+    plt.close(fig)
+    return [out / "true_vs_kl.png", out / "diagnostics.png"]
+
+
+def main(cfg: StudyConfig) -> str:
     tasks = [t for t in cfg.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         grpo.fail(f"--tasks: unknown {unknown}; choose from {list(TASKS)}")
-    report = ["# Reward-hacking study\n"]
+    regimes, seeds = (QUICK, 1) if cfg.quick else (REGIMES, cfg.seeds)
+    report = [f"# Reward-hacking study ({'--quick' if cfg.quick else f'{seeds} seeds'})\n"]
+    t0 = time.time()
     for task in tasks:
         spec = TASKS[task]
         if cfg.prepare:
             prepare(task)
-        print(f"{task}: seed 0 sweep", flush=True)
         with ThreadPoolExecutor(cfg.parallel) as pool:
-            runs = {name: pool.submit(run_one, cfg, task, name, flags, 0) for name, flags in regimes(0, {}).items()}
-            runs = {name: [f.result()] for name, f in runs.items()}
-        sweep = {name: summarize(r[0], spec) for name, r in runs.items()}
-        best = {reg: max((n for n in sweep if n.startswith(reg + "-")), key=lambda n: sweep[n]["final_true"])
-                for reg in ("kl", "reset", "gr")}
-        best_values = {"kl": float(best["kl"].split("-b")[1]), "reset": float(best["reset"].split("-b")[1]),
-                       "gr": float(best["gr"].split("-g")[1])}
-        with ThreadPoolExecutor(cfg.parallel) as pool:
-            later = {(name, s): pool.submit(run_one, cfg, task, name, flags, s)
-                     for s in range(1, cfg.seeds) for name, flags in regimes(s, best_values).items()}
-            for (name, _), f in later.items():
-                runs[name].append(f.result())
-        results = {name: [summarize(r, spec) for r in rs] for name, rs in runs.items()}
-        report += [f"## {task}: proxy `{spec['proxy']}`, true `{spec['true']}`, {cfg.steps or spec['steps']} steps\n",
-                   "Seed-0 sweep (every regime, one seed each):\n", table({n: results[n][:1] for n in results}), ""]
-        if cfg.seeds > 1:
-            report += [f"The chosen β/γ on {cfg.seeds} seeds (mean ± half-range):\n",
-                       table({n: results[n] for n in results if len(results[n]) > 1}), ""]
-        chosen = [runs[n][0] for n in ("none", "none-half-lr", best["kl"], best["reset"], best["gr"])]
+            futures = {name: [pool.submit(run_one, cfg, task, name, flags, s) for s in range(seeds)]
+                       for name, flags in regimes.items()}
+            runs = {name: [f.result() for f in fs] for name, fs in futures.items()}
+        results = {name: [summarize(r, spec) for r in paths] for name, paths in runs.items()}
         base = Path(cfg.out_dir) / task
-        plot_runs(chosen, base / "curves.png", [("step", [spec["proxy"], spec["true"]]), ("step", ["g1_norm"])],
-                  title=f"{task}: proxy vs true reward, gradient norm (seed 0)")
-        plot_runs(chosen, base / "true_vs_kl.png", [(spec["kl"], [spec["true"]])],
-                  title=f"{task}: true reward vs KL to the initial policy (seed 0)")
-        report.append(f"![{task} curves]({task}/curves.png)\n![{task} true vs KL]({task}/true_vs_kl.png)\n")
+        plot(task, spec, runs, base)
+        report += [f"## {task}: proxy `{spec['proxy']}`, true `{spec['true']}`, {cfg.steps or spec['steps']} steps\n",
+                   table(results), "", f"![{task} true vs KL]({task}/true_vs_kl.png)",
+                   f"![{task} diagnostics]({task}/diagnostics.png)\n"]
+    report.append(f"Wall time: {time.time() - t0:.0f} s.")
     text = "\n".join(report)
     (Path(cfg.out_dir) / "table.md").write_text(text)
     print(text)
+    return text
 
 
 if __name__ == "__main__":
