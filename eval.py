@@ -463,7 +463,8 @@ def evaluate_tldr(cfg: EvalConfig, grad_norm: bool = True) -> dict:
             metrics["grad_norm"] = policy_gradient_norm(policy, tokenizer, rows, proxy, seed=cfg.seed,
                                                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                                         micro_batch_size=cfg.batch_size)
-    keys = ("checkpoint", "task", "gold_rm", "proxy_rm", "reference_model", "sharpness_sigma", "sharpness_perturbations")
+    keys = ("checkpoint", "task", "gold_rm", "proxy_rm", "reference_model", "sharpness_sigma",
+            "sharpness_perturbations")
     return {**{k: getattr(cfg, k) for k in keys}, "n": len(rows), **metrics}
 
 

@@ -849,7 +849,8 @@ def supervised_train(model, loss_fn, steps: int, *, lr: float, schedule=None, we
         if log_path is not None:
             log_jsonl(log_path, record)
         if print_every and ((step + 1) % print_every == 0 or step + 1 == steps) and is_main():
-            print(f"  {name} step {step + 1}/{steps} " + " ".join(f"{k} {v:.4f}" for k, v in values.items()), flush=True)
+            print(f"  {name} step {step + 1}/{steps} " + " ".join(f"{k} {v:.4f}" for k, v in values.items()),
+                  flush=True)
     model.eval()
     return record
 
@@ -1071,7 +1072,8 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
                      "completion_length": cmask.sum(1).float(), "clipped_ratio": (~ended).float()}
             sums = all_reduce_sum(torch.stack([v.float().mean() for v in means.values()]))
             record = {"step": step, **{k: v / world for k, v in zip(means, sums.tolist())}, **stats, **timer.times}
-            if evaluate is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
+            eval_now = (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps
+            if evaluate is not None and eval_now:
                 with timer("eval"), autocast(device, cfg.dtype):
                     last_eval = evaluate(rollout, tokenizer, step + 1)
                 record.update({f"eval/{k}": v for k, v in last_eval.items()}, **timer.times)

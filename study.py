@@ -116,7 +116,8 @@ def summarize(run: Path, spec: dict) -> dict:
     ratios = [r["gr/correction_ratio"] for r in rows if "gr/correction_ratio" in r]
     return {"final_true": true[-1], "best_true": true[best], "final_proxy": proxy[-1],
             "kl_init": rows[-1].get("kl_init", float("nan")),
-            "collapse_step": next((rows[i]["step"] for i in range(best, len(true)) if true[i] < true[best] - 0.1), None),
+            "collapse_step": next((rows[i]["step"] for i in range(best, len(true)) if true[i] < true[best] - 0.1),
+                                  None),
             "correction_ratio": statistics.mean(ratios) if ratios else float("nan"),
             "sharpness": evals[-1]["eval/sharpness"] if evals else float("nan"),
             "bt_accuracy": evals[-1].get("eval/bt_accuracy", float("nan")) if evals else float("nan")}
@@ -153,7 +154,8 @@ def plot(task: str, spec: dict, runs: dict[str, list[Path]], out: Path) -> list[
             rows = [r for r in read(path) if r["step"] >= 0 and "kl_init" in r]
             ax.plot([r["kl_init"] for r in rows], moving_average([r[spec["true"]] for r in rows]), color=colors[name],
                     alpha=0.8, linewidth=1, label=name if k == 0 else None)
-    ax.set(xlabel="KL to the initial policy", ylabel=f"true reward ({spec['true']})", title=f"{task}: true reward vs KL")
+    ax.set(xlabel="KL to the initial policy", ylabel=f"true reward ({spec['true']})",
+           title=f"{task}: true reward vs KL")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
