@@ -179,7 +179,7 @@ def rollout_model(policy, dtype: torch.dtype, *, replica: bool = True, cuda_grap
         if [n for n, _ in model.named_parameters()] != [n for n, _ in policy.named_parameters()]:
             raise ValueError(f"{type(policy).__name__}: the replica's parameters do not match the policy's")
         refresh_rollout_model(model, policy)
-    model.grpo_cuda_graphs = cuda_graphs
+    model.grpo_cuda_graphs = cuda_graphs and not (model is policy and sharded)  # never on FSDP shards
     return model
 
 
@@ -992,8 +992,7 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
         init.requires_grad_(False)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     start = load_trainer_state(ckpt, policy, optimizer) if ckpt is not None else 0
-    compute_dtype = getattr(torch, cfg.dtype)
-    rollout = rollout_model(policy, compute_dtype, replica=cfg.rollout_replica, cuda_graphs=cfg.cuda_graphs)
+    rollout = rollout_model(policy, getattr(torch, cfg.dtype), replica=cfg.rollout_replica, cuda_graphs=cfg.cuda_graphs)
     gen_dtype = "float32" if rollout is not policy else cfg.dtype  # a replica holds its weights in the compute dtype
     if main:
         what = f"a {cfg.dtype} replica of the policy on each rank" if rollout is not policy else "the policy itself"
@@ -1012,8 +1011,9 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
     if evaluate is not None and start == 0:  # the starting point, logged as step -1
         with autocast(device, cfg.dtype):
             last_eval = evaluate(rollout, tokenizer, 0)
-        log_jsonl(metrics_path, {"step": -1, **{f"eval/{k}": v for k, v in last_eval.items()}})
-        track({"step": -1, **{f"eval/{k}": v for k, v in last_eval.items()}})
+        record = {"step": -1, **{f"eval/{k}": v for k, v in last_eval.items()}}
+        log_jsonl(metrics_path, record)
+        track(record)
         if main:
             print("before RL: " + " ".join(f"{k}={v:.4g}" for k, v in last_eval.items()), flush=True)
 
