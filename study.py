@@ -8,8 +8,9 @@ and the toy reward model of train_tldr.py (true reward: the programmatic gold). 
 and reference resets keep the policy where the proxy reward is flat, and there the proxy is more accurate (§3-4,
 Fig. 3-4). So besides the proxy and true reward, every run logs GR's own size each step (`gr/correction_ratio` =
 ‖(γ/ε)(clip(g2) − g1)‖ / ‖g1‖ over the blocks), and at its evals the sharpness S of the mean proxy reward (eval.py;
-8 perturbations here, σ = 0.02) and the proxy's error on the policy's own samples (Bradley-Terry loss / accuracy of
-the proxy on pairs of samples oriented by the true reward).
+σ = 0.02; 8 perturbations of J on 64 prompts for the judge, 16 on 64 for the RM) and the proxy's error on the
+policy's own samples (Bradley-Terry loss / accuracy of the proxy on pairs of samples oriented by the true reward;
+the judge: 128 prompts sampled twice, the RM: 128).
 
 Protocol: every run is the real script in a subprocess with matched budgets (same steps, batch, lr): no reg, no reg
 at half the lr (anything that slows learning looks safer per step), KL at β = 0.2 (the better β of the one-seed sweep
@@ -34,12 +35,12 @@ import grpo
 
 ROOT = Path(__file__).resolve().parent
 TASKS = {
-    "judge": dict(script="train_judge.py", args=["--preset", "toy", "--log-kl-init", "--eval-pairs", "64",
-                                                 "--sharpness-perturbations", "8", "--sharpness-prompts", "32"],
-                  proxy="rewards/judge_correctness", true="rewards/true_reward", lr=1e-4, steps=30, eval_every=10),
+    "judge": dict(script="train_judge.py", args=["--preset", "toy", "--log-kl-init", "--eval-pairs", "128",
+                                                 "--sharpness-perturbations", "8", "--sharpness-prompts", "64"],
+                  proxy="rewards/judge_correctness", true="rewards/true_reward", lr=1e-4, steps=30, eval_every=15),
     # the RL stage against the toy's SFT policy and proxy RM (built once by `prepare`)
     "rm": dict(script="train_tldr.py", args=["--preset", "toy", "--stage", "rl", "--log-kl-init",
-                                             "--sharpness-perturbations", "8"],
+                                             "--sharpness-perturbations", "16"],
                proxy="rewards/proxy", true="rewards/gold", lr=1e-4, steps=100, eval_every=25),
 }
 REGIMES = {"none": ["--reg", "none"], "none-half-lr": ["--reg", "none", "--lr-scale", "0.5"],
