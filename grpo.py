@@ -908,10 +908,10 @@ class RLConfig:
     dtype: str = field(default="auto", metadata={"help": "compute dtype of generation and eval: "
                                                         "auto = bfloat16 on CUDA, float32 on CPU",
                                                 "choices": ("auto", "float32", "bfloat16")})
-    update_dtype: str = field(default="float32", metadata={
-        "help": "compute dtype of the loss/backward passes. Keep float32 for --reg gr: ε·g1 is far below bf16 "
-                "resolution, and in bf16 the finite difference is rounding noise (benchmarks/gr_precision.py)",
-        "choices": ("float32", "bfloat16")})
+    update_dtype: str = field(default="auto", metadata={
+        "help": "compute dtype of the loss/backward passes (master weights stay fp32). auto: float32 for --reg gr, "
+                "whose finite difference survives bf16 only when ε·‖g1‖ ≳ 5e-3 (benchmarks/gr_precision.py); else "
+                "bfloat16 autocast on CUDA, float32 on CPU", "choices": ("auto", "float32", "bfloat16")})
     rollout_replica: bool = field(default=True, metadata={
         "help": "generate and evaluate with an unsharded copy of the policy in --dtype on each rank (one copy of the "
                 "weights per rank, refreshed after every step): no FSDP gathers, collectives or autocast while "
@@ -952,6 +952,11 @@ def validate(cfg: RLConfig, check_model: bool = True) -> None:
         cfg.lr = 5e-6 if cfg.reg == "gr" else 3e-6  # paper Tables 5, 8, 9
     if cfg.dtype == "auto":
         cfg.dtype = "bfloat16" if rank_device().type == "cuda" else "float32"
+    if cfg.update_dtype == "auto":
+        cfg.update_dtype = "float32" if cfg.reg == "gr" or rank_device().type == "cpu" else "bfloat16"
+    elif cfg.update_dtype == "bfloat16" and cfg.reg == "gr" and is_main():
+        print(f"warning: --update-dtype bfloat16 with --reg gr: bf16 rounds away most of GR's finite difference "
+              f"unless ε·‖g1‖ ≳ 5e-3, i.e. ‖g1‖ ≳ {5e-3 / cfg.eps:.3g} at ε = {cfg.eps:g} (benchmarks/gr_precision.py)")
     check_trackers(cfg.report_to)
     if check_model:
         check_model_path(cfg.model)
@@ -997,7 +1002,9 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
     if main:
         what = f"a {cfg.dtype} replica of the policy on each rank" if rollout is not policy else "the policy itself"
         size = sum(p.numel() * p.element_size() for p in rollout.parameters()) / 2**30
-        print(f"rollouts: {what} ({size:.3f} GiB of weights){', CUDA-graph decode' if cfg.cuda_graphs else ''}")
+        updates = cfg.update_dtype + (" autocast over fp32 master weights" if cfg.update_dtype == "bfloat16" else "")
+        print(f"rollouts: {what} ({size:.3f} GiB of weights){', CUDA-graph decode' if cfg.cuda_graphs else ''}; "
+              f"update passes: {updates}")
     eos_ids = eos_token_ids(tokenizer, policy)
     metrics_path = out / "metrics.jsonl"
     if main:  # a resumed run rewrites the steps after its checkpoint

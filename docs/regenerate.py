@@ -30,7 +30,9 @@ README = ROOT / "README.md"
 OUT = ROOT / "runs" / "readme"
 TABLES = ("main", "summary", "tldr", "performance", "precision", "study")
 TLDR_RUNS = {"none": [], "kl": ["--beta", "0.05"], "reset": ["--beta", "0.3"], "gr": ["--gamma", "1e-2"]}
-PRECISION_ARGS = ["--sizes", "tiny,1m,10m,100m", "--grad-norms", "0.1,1,10"]
+PRECISION_RUNS = (["--threads", "2", "--sizes", "tiny,1m,10m,100m"],  # fp64 reference at the same ε, exact H·g1
+                  ["--threads", "2", "--sizes", "0.5b", "--reference", "float32", "--no-hvp",
+                   "--modes", "bf16-autocast,bf16-held"])  # the Qwen2.5-0.5B shape: fp64 would not fit in 24 GiB
 
 
 @dataclass
@@ -133,20 +135,26 @@ def table_tldr() -> str:
 
 
 def table_performance() -> str:
-    cmd = ["python", "benchmarks/bench_step.py"]
-    seconds = run([sys.executable, *cmd[1:]], OUT / "performance.log")
-    text = (OUT / "performance.log").read_text()
-    summary = text[text.index("=== summary"):].strip().splitlines()
-    first = next(line for line in text.splitlines() if line.startswith("torch "))
-    return header([" ".join(cmd)], seconds) + f"\n`{first}`\n\n```\n" + "\n".join(summary) + "\n```\n"
+    commands, parts, seconds = [], [], 0.0
+    for k, extra in enumerate(([], ["--update-dtype", "bfloat16", "--no-hf-static"])):  # updates in fp32, then bf16
+        cmd = ["python", "benchmarks/bench_step.py", *extra]
+        seconds += run([sys.executable, *cmd[1:]], OUT / f"performance-{k}.log")
+        commands.append(" ".join(cmd))
+        text = (OUT / f"performance-{k}.log").read_text()
+        first = next(line for line in text.splitlines() if line.startswith("torch "))
+        parts.append(f"$ {' '.join(cmd)}\n{first}\n" + text[text.index("=== summary"):].strip())
+    return header(commands, seconds) + "\n```\n" + "\n\n".join(parts) + "\n```\n"
 
 
 def table_precision() -> str:
-    cmd = ["python", "benchmarks/gr_precision.py", *PRECISION_ARGS]
-    seconds = run([sys.executable, *cmd[1:]], OUT / "precision.log")
-    text = (OUT / "precision.log").read_text()
-    body = [line for line in text.splitlines() if line.startswith("|")]
-    return header([" ".join(cmd)], seconds) + "\n" + "\n".join(body) + "\n"
+    commands, grids, seconds = [], [], 0.0
+    for k, args in enumerate(PRECISION_RUNS):
+        cmd = ["python", "benchmarks/gr_precision.py", *args]
+        seconds += run([sys.executable, *cmd[1:]], OUT / f"precision-{k}.log")
+        commands.append(" ".join(cmd))
+        text = (OUT / f"precision-{k}.log").read_text()
+        grids.append(text[text.index("=== summary"):].strip())
+    return header(commands, seconds) + "\n```\n" + "\n\n".join(grids) + "\n```\n"
 
 
 def table_study() -> str:

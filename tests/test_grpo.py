@@ -289,3 +289,16 @@ def test_decode_step_traces_as_one_graph(arch):
         for t in range(3, 6):
             token = step(model, token, positions[:, t], mask, cache, torch.rand(3, 1, dtype=torch.float64), 0.7, 1.0, 0)
     assert token.shape == (3,)
+
+
+def test_update_dtype_auto_follows_the_precision_measurements(monkeypatch, capsys):
+    """GR's finite difference needs fp32 (benchmarks/gr_precision.py); the other regimes update in bf16 on CUDA."""
+    for device, reg, expected in (("cuda", "gr", "float32"), ("cuda", "kl", "bfloat16"), ("cuda", "none", "bfloat16"),
+                                  ("cpu", "reset", "float32"), ("cpu", "gr", "float32")):
+        monkeypatch.setattr(grpo, "rank_device", lambda: torch.device(device))
+        cfg = grpo.RLConfig(reg=reg)
+        grpo.validate(cfg, check_model=False)
+        assert (cfg.update_dtype, cfg.dtype) == (expected, "bfloat16" if device == "cuda" else "float32"), (device, reg)
+    cfg = grpo.RLConfig(reg="gr", update_dtype="bfloat16", eps=1e-3)
+    grpo.validate(cfg, check_model=False)
+    assert cfg.update_dtype == "bfloat16" and "‖g1‖ ≳ 5 at ε = 0.001" in capsys.readouterr().out  # asked for: warned
