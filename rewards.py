@@ -14,6 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 import torch.nn.functional as F
 from math_verify import parse, verify
+from math_verify.errors import TimeoutException
 
 # Qwen2.5-Instruct's default system prompt: the paper keeps the model's default system instructions (App. C.4).
 QWEN_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -142,6 +143,8 @@ _BOXED_COMMAND = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # Markers of App. C.4: "Step N:", numbered-list items and bullets at any line start, and four keywords.
 _REASONING_STEP = re.compile(r"Step \d+:|^\d+\.\s|^[-*] |First,|Second,|Next,|Finally,", re.MULTILINE)
 MATH_VERIFY_TIMEOUT_S = 5
+# What grading one answer may raise: math-verify's timeout is a BaseException, anything from sympy an Exception.
+GRADER_ERRORS = (Exception, TimeoutException)
 
 
 def math_messages(problem: str, system_prompt: str | None = QWEN_SYSTEM_PROMPT) -> list[dict]:
@@ -183,10 +186,12 @@ def parse_boxed(content: str | None) -> list | None:
 
     When latex2sympy fails, math-verify falls back to the raw string and `verify` to string equality; we count
     that as unparsable, so a gold like `\\;` is skipped rather than graded by string match.
+    Raises on a math-verify timeout or error (`GRADER_ERRORS`) instead of returning [] as math-verify does, so the
+    caller can count the failure.
     """
     if content is None:
         return None
-    parsed = parse(f"\\boxed{{{content}}}", parsing_timeout=_math_verify_timeout())
+    parsed = parse(f"\\boxed{{{content}}}", parsing_timeout=_math_verify_timeout(), raise_on_error=True)
     return parsed if any(not isinstance(p, str) for p in parsed) else None
 
 
@@ -202,29 +207,38 @@ def reasoning_steps_reward(completion: str) -> float:
     return min(1.0, len(_REASONING_STEP.findall(completion)) / 3)
 
 
+def _verdict(gold: list, boxed: str | None) -> bool | None:
+    """math-verify equivalence of a boxed answer to the parsed gold; None when grading failed (timeout or error)."""
+    try:
+        answer = parse_boxed(boxed)
+        return answer is not None and verify(gold, answer, timeout_seconds=_math_verify_timeout(), raise_on_error=True)
+    except GRADER_ERRORS:
+        return None
+
+
+def _math_reward(completion: str, verdict: bool | None) -> dict[str, float]:
+    return {"correctness": 2.0 if verdict else 0.0, "reasoning_steps": reasoning_steps_reward(completion),
+            "grader_failure": float(verdict is None)}
+
+
 def _math_rewards_group(solution: str, completions: list[str]) -> list[dict[str, float] | None]:
     # One task per prompt: the gold is parsed once for its G rollouts, and each distinct boxed answer is parsed
     # and verified once (rollouts often agree; parsing, ~4 ms, dominates the cost).
-    gold = parse_boxed(last_boxed(solution))
+    try:
+        gold = parse_boxed(last_boxed(solution))
+    except GRADER_ERRORS:  # the gold's own parse failed (e.g. timed out): no answer can be graded
+        return [_math_reward(c, None) for c in completions]
     if gold is None:
         return [None] * len(completions)
-    verdicts: dict[str | None, bool] = {}
-    rewards = []
-    for completion in completions:
-        boxed = last_boxed(completion)
-        if boxed not in verdicts:
-            answer = parse_boxed(boxed)
-            verdicts[boxed] = answer is not None and verify(gold, answer, timeout_seconds=_math_verify_timeout())
-        rewards.append({
-            "correctness": 2.0 if verdicts[boxed] else 0.0,
-            "reasoning_steps": reasoning_steps_reward(completion),
-        })
-    return rewards
+    boxed = [last_boxed(c) for c in completions]
+    verdicts = {b: _verdict(gold, b) for b in dict.fromkeys(boxed)}
+    return [_math_reward(c, verdicts[b]) for c, b in zip(completions, boxed)]
 
 
 def math_rewards(completion: str, solution: str) -> dict[str, float] | None:
     """correctness: 2.0 × math-verify equivalence of the last boxed answers of completion and solution (0 when
-    the completion has no boxed answer); reasoning_steps: see `reasoning_steps_reward`.
+    the completion has no boxed answer); reasoning_steps: see `reasoning_steps_reward`; grader_failure: 1.0 when
+    math-verify timed out or raised while grading this completion (its correctness is then 0), else 0.0.
 
     Returns None when the gold solution has no parsable boxed answer: SPEC says skip such examples, so the
     caller must drop them rather than train on a silent 0. Thread-safe (see `_math_verify_timeout`).

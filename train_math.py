@@ -3,8 +3,7 @@
     python train_math.py --preset toy                      # offline: tiny Qwen2 + synthetic GSM8K, CPU, minutes
     python train_math.py --reg gr                          # 1 GPU, Qwen2.5-0.5B-Instruct on openai/gsm8k
     torchrun --nproc_per_node=8 train_math.py --model Qwen/Qwen2.5-1.5B-Instruct --reg gr
-    torchrun --nproc_per_node=8 train_math.py --task math --model Qwen/Qwen2.5-1.5B-Instruct --reg gr \
-        --prompts-per-step 128 --max-new-tokens 1024 --steps 1000
+    torchrun --nproc_per_node=8 train_math.py --task math --model Qwen/Qwen2.5-1.5B-Instruct --reg gr --steps 1000
 
 Kept from the paper: Dr.GRPO, 32 prompts × 8 rollouts (MATH: 128 × 8), temperature 0.7, Adam (0.9, 0.999),
 lr 5e-6 with GR and 3e-6 without, GR γ = ε = 1e-3 with g1/g2 clipped to 10, final clip 1.0, completion length
@@ -23,6 +22,9 @@ import toy
 from rewards import GSM8K_REWARD_KEYS, QWEN_SYSTEM_PROMPT, gsm8k_gold, gsm8k_rewards, math_rewards_batch
 
 
+PROMPTS_PER_STEP = {"gsm8k": 32, "math": 128}  # × 8 rollouts = 256 / 1024 sequences per step (Tables 8-9)
+
+
 @dataclass
 class Config(grpo.RLConfig):
     """Dr.GRPO on GSM8K or MATH with rule-based rewards; --reg none|kl|reset|gr."""
@@ -32,6 +34,12 @@ class Config(grpo.RLConfig):
     test_dataset: str = field(default=None, metadata={"type": str, "help": "eval data (default: --dataset's test split)"})
     system_prompt: str = field(default=QWEN_SYSTEM_PROMPT, metadata={"help": "system prompt ('' for none)"})
     grader_workers: int = field(default=0, metadata={"help": "MATH: processes for math-verify (0 = in-process)"})
+    # None: the paper's recipe for --task, filled in by `resolve_task_defaults`
+    prompts_per_step: int = field(default=None, metadata={
+        "type": int, "help": "prompts per step, all ranks; default by --task: gsm8k 32, math 128 (x 8 rollouts: the "
+                             "paper's 256 / 1024 sequences)"})
+    max_new_tokens: int = field(default=None, metadata={
+        "type": int, "help": "completion length, also the loss normaliser; default by --task: gsm8k 768, math 1024"})
 
 
 PRESETS = {
@@ -41,6 +49,15 @@ PRESETS = {
                 max_new_tokens=32, max_prompt_tokens=128, micro_batch_size=128, lr=1e-4, eval_every=20,
                 eval_limit=200, save_every=20, gen_batch_size=200),
 }
+
+
+def resolve_task_defaults(cfg: Config) -> Config:
+    """--prompts-per-step and --max-new-tokens that neither a flag nor a preset set: the paper's recipe for --task."""
+    if cfg.prompts_per_step is None:
+        cfg.prompts_per_step = PROMPTS_PER_STEP[cfg.task]
+    if cfg.max_new_tokens is None:
+        cfg.max_new_tokens = evaluation.MAX_NEW_TOKENS[cfg.task]
+    return cfg
 
 
 def load_task(cfg: Config):
@@ -60,6 +77,7 @@ def load_task(cfg: Config):
 
 
 def main(cfg: Config):
+    resolve_task_defaults(cfg)
     toy_policy = cfg.model == str(toy.GSM8K_POLICY)
     grpo.validate(cfg, check_model=not toy_policy)
     if toy_policy:  # built on first use, after the flags are checked
@@ -80,6 +98,8 @@ def main(cfg: Config):
             keys = ("correctness", "reasoning_steps")
         per_term = {k: torch.tensor([t[k] for t in terms]) for k in keys}
         per_term["true_reward"] = per_term["correctness"] / 2.0  # accuracy: rule-based correctness is the truth
+        if cfg.task == "math":  # share of answers math-verify failed to grade (timeout, error); their correctness is 0
+            per_term["grader_failure_rate"] = torch.tensor([t["grader_failure"] for t in terms])
         return sum(per_term[k] for k in keys), per_term
 
     def evaluate(model, tokenizer, step):

@@ -151,21 +151,45 @@ def test_only_blocks_perturbed_and_restored(arch, tie):
             assert not torch.equal(snapshots[1][n], before[n]) or g1[n].abs().max() == 0, n
 
 
-def test_clipping_of_g1_and_g2():
+@pytest.mark.parametrize("clips", [dict(g1_clip=1.0, g2_clip=0.5), {}])  # {}: the paper's 10 and 10 (‖g‖ ≈ 100)
+def test_clipping_of_g1_and_g2_and_the_correction_gamma_over_eps(clips):
+    """g1, g2 written out on the quadratic: grad = g1 + (γ/ε)(clip(g2) − g1) on the blocks, no hidden 1/2; the
+    reported correction is ‖(γ/ε)(clip(g2) − g1)‖ over the blocks, and its ratio to ‖clip(g1)‖."""
     model, seen = Quadratic(), []
     phi = model.flat().detach().clone()
     g = model.A @ phi + model.b
     P = torch.cat([torch.zeros(5), torch.ones(10)]).double()
     gamma, eps = 0.1, 1e-2
-    g1c = g * 1.0 / g.norm()  # clipped to norm 1
+    g1_clip, g2_clip = clips.get("g1_clip", 10.0), clips.get("g2_clip", 10.0)
+    assert g.norm() > max(g1_clip, g2_clip)  # the clips bite
+    g1c = g * g1_clip / g.norm()
     g2 = model.A @ (phi + eps * P * g1c) + model.b
-    g2c = g2 * 0.5 / g2.norm()
-    out = gr_backward(model, quadratic_closure(model, seen), gamma=gamma, eps=eps, g1_clip=1.0, g2_clip=0.5)
+    g2c = g2 * g2_clip / g2.norm()
+    out = gr_backward(model, quadratic_closure(model, seen), gamma=gamma, eps=eps, **clips)
     assert out["g1_norm"] == pytest.approx(g.norm().item())  # pre-clip
     assert out["g2_norm"] == pytest.approx(g2.norm().item())
     torch.testing.assert_close(seen[1], phi + eps * P * g1c)  # perturbed with the clipped g1
-    expected = g1c + P * (gamma / eps) * (g2c - g1c)
-    torch.testing.assert_close(torch.cat([p.grad for p in model.parameters()]), expected)
+    correction = P * (gamma / eps) * (g2c - g1c)
+    torch.testing.assert_close(torch.cat([p.grad for p in model.parameters()]), g1c + correction)
+    assert out["correction_norm"] == pytest.approx(correction.norm().item(), rel=1e-6)
+    assert out["correction_ratio"] == pytest.approx((correction.norm() / g1c.norm()).item(), rel=1e-6)
+
+
+def test_weights_restored_bit_exactly_when_the_second_pass_raises():
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    _, closure = grpo_closure(model, rollout_batch())
+    calls = []
+
+    def failing_closure():
+        calls.append(1)
+        if len(calls) == 2:  # at φ + ε·g1, e.g. out of memory
+            raise RuntimeError("second pass failed")
+        return closure()
+
+    with pytest.raises(RuntimeError, match="second pass failed"):
+        gr_backward(model, failing_closure, gamma=1e-3, eps=1e-1)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
 def test_clip_below_threshold_is_untouched():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from math_verify.errors import TimeoutException
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoModelForSequenceClassification, GPTNeoXConfig, GPTNeoXForSequenceClassification,
                           LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast, Qwen2Config,
@@ -273,7 +274,7 @@ NOT_EQUIVALENT = [
 def test_math_equivalent_answers_score_2(gold, answer):
     completion = f"Step 1: compute.\nStep 2: simplify.\nFinally, the answer is $\\boxed{{{answer}}}$."
     assert math_rewards(completion, f"So the answer is $\\boxed{{{gold}}}$.") == {
-        "correctness": 2.0, "reasoning_steps": 1.0}
+        "correctness": 2.0, "reasoning_steps": 1.0, "grader_failure": 0.0}
 
 
 @pytest.mark.parametrize("gold, answer", NOT_EQUIVALENT)
@@ -286,7 +287,7 @@ def test_math_correctness_uses_last_boxed_of_completion_and_needs_one():
     assert math_rewards("\\boxed{3} no wait \\boxed{4}", solution)["correctness"] == 2.0
     assert math_rewards("\\boxed{4} no wait \\boxed{3}", solution)["correctness"] == 0.0
     assert math_rewards("The answer is 4.", solution)["correctness"] == 0.0
-    assert math_rewards("", solution) == {"correctness": 0.0, "reasoning_steps": 0.0}
+    assert math_rewards("", solution) == {"correctness": 0.0, "reasoning_steps": 0.0, "grader_failure": 0.0}
     assert math_rewards("\\boxed{4", solution)["correctness"] == 0.0  # truncated
 
 
@@ -317,6 +318,41 @@ def test_math_rewards_batch_matches_single_calls_and_keeps_order(workers):
     assert batch == [math_rewards(c, s) for c, s in zip(completions, golds)]
     assert [b is None for b in batch] == [s == "no boxed gold" for s in golds]
     assert math_rewards_batch([], [], workers=workers) == []
+
+
+def test_math_grader_timeout_or_error_scores_0_and_is_counted(monkeypatch):
+    """math-verify timing out inside its parse (its TimeoutException is a BaseException) or `verify` raising, on one
+    answer or on a gold: that sample gets correctness 0 and grader_failure 1, the others are graded as usual."""
+    import math_verify.parser
+    import rewards
+    extract, real_verify = math_verify.parser.extract_target_from_pred, rewards.verify
+
+    def slow_extract(pred, *args, **kwargs):
+        if "\\frac{1}{7}" in pred:
+            raise TimeoutException("Operation timed out!")  # what math-verify's signal.alarm handler raises
+        return extract(pred, *args, **kwargs)
+
+    def verify(gold, answer, **kwargs):
+        if "13" in map(str, answer):
+            raise TimeoutError("verify timed out")
+        return real_verify(gold, answer, **kwargs)
+
+    monkeypatch.setattr(math_verify.parser, "extract_target_from_pred", slow_extract)
+    monkeypatch.setattr(rewards, "verify", verify)
+    twelve, seventh = "so $\\boxed{12}$", "$\\boxed{\\frac{1}{7}}$"
+    cases = [  # (completion, solution, correctness, reasoning_steps, grader_failure)
+        ("\\boxed{12}", twelve, 2.0, 0.0, 0.0),
+        ("\\boxed{13}", twelve, 0.0, 0.0, 1.0),  # verify raised
+        ("1. a\n2. b\n\\boxed{13}", twelve, 0.0, 2 / 3, 1.0),
+        ("\\boxed{\\frac{1}{7}}", twelve, 0.0, 0.0, 1.0),  # parsing the answer timed out
+        ("\\boxed{11}", twelve, 0.0, 0.0, 0.0),
+        ("no box", twelve, 0.0, 0.0, 0.0),
+        ("\\boxed{12}", seventh, 0.0, 0.0, 1.0),  # parsing the gold timed out: nothing can be graded
+        ("no box", seventh, 0.0, 0.0, 1.0),
+    ]
+    got = math_rewards_batch([c[0] for c in cases], [c[1] for c in cases])
+    assert got == [{"correctness": c, "reasoning_steps": pytest.approx(r), "grader_failure": f}
+                   for _, _, c, r, f in cases]
 
 
 @pytest.mark.parametrize("completion, steps", [

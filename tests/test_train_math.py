@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from math_verify.errors import TimeoutException
 
 import eval as evaluation
 import grpo
@@ -76,7 +77,7 @@ def test_eval_on_saved_checkpoint(small_toy, tmp_path):
 
 @pytest.mark.parametrize("reg", ["gr", "reset"])
 def test_resume_reproduces_uninterrupted_run(small_toy, tmp_path, reg):
-    common = ["--reg", reg, "--reset-every", "3", "--steps", "4"]
+    common = ["--reg", reg, "--reset-every", "2", "--steps", "4"]  # reset: the step-2 checkpoint follows a reset
     full, killed = tmp_path / "full", tmp_path / "killed"
     train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, full, *common), train_math.PRESETS))
     # the "killed" run stops after its step-2 checkpoint, then resumes to the same end
@@ -109,7 +110,7 @@ def test_bad_inputs_fail_fast_with_one_line(small_toy, tmp_path):
         assert not (tmp_path / "out" / "metrics.jsonl").exists()  # failed before any work
 
 
-def test_math_task_and_quintiles(small_toy, tmp_path):
+def test_math_task_and_quintiles(small_toy, tmp_path, monkeypatch):
     """--task math end to end on MATH-schema rows (math-verify rewards), then eval.py's Table-4 quintiles."""
     rows = [{"problem": f"What is {a} + {b}?", "solution": f"{a} + {b} = \\boxed{{{a + b}}}",
              "level": f"Level {1 + a % 5}", "type": ("Algebra", "Prealgebra")[b % 2]} for a in range(1, 7) for b in (2, 3)]
@@ -120,9 +121,17 @@ def test_math_task_and_quintiles(small_toy, tmp_path):
     args = ["--task", "math", "--model", str(policy), "--dataset", str(data), "--out-dir", str(tmp_path / "run"),
             "--steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "16", "--eval-limit", "6",
             "--save-every", "2", "--system-prompt", "", "--max-prompt-tokens", "256"]
-    train_math.main(grpo.parse_config(train_math.Config, args))
+    import math_verify.parser
+
+    def timing_out(pred, *args, **kwargs):
+        raise TimeoutException("Operation timed out!")  # what math-verify's signal.alarm handler raises
+
+    with monkeypatch.context() as mp:  # every grading times out: reward 0 and a counted failure, never a crash
+        mp.setattr(math_verify.parser, "extract_target_from_pred", timing_out)
+        train_math.main(grpo.parse_config(train_math.Config, args))
     metrics = read_metrics(tmp_path / "run")
     assert {"rewards/correctness", "rewards/reasoning_steps", "rewards/true_reward"} <= metrics[0].keys()
+    assert [(m["rewards/grader_failure_rate"], m["rewards/correctness"]) for m in metrics] == [(1.0, 0.0)] * 2
     common = dict(task="math", dataset=str(data), max_new_tokens=16, system_prompt="")
     base = evaluation.evaluate(evaluation.EvalConfig(checkpoint=str(policy), out=str(tmp_path / "base.json"), **common))
     assert base["skipped_unparsable_gold"] == 1 and base["n"] == len(rows) - 1
@@ -131,6 +140,28 @@ def test_math_task_and_quintiles(small_toy, tmp_path):
                                                       base_results=str(tmp_path / "base.json"), **common))
     assert set(after["quintiles"]) == set(evaluation.QUINTILES)
     assert sum(q["n"] for q in after["quintiles"].values()) == len(rows) - 1
+
+
+def test_quintile_and_category_accuracy_on_crafted_base_results():
+    """Table 4 by hand: each (type, level) category goes to the band of its base accuracy, [0, 0.2) ... [0.8, 1];
+    None (unparsable gold) is neither right nor wrong; a category the base results lack is left out."""
+    base = {"Precalculus|Level 5": 0.0, "Geometry|Level 2": 0.19, "Geometry|Level 1": 0.2, "Number Theory|Level 3": 0.5,
+            "Counting|Level 4": 0.79, "Algebra|Level 1": 0.95, "Algebra|Level 5": 1.0}
+    results = {"Precalculus|Level 5": [0, 0, 1, None], "Geometry|Level 2": [0], "Geometry|Level 1": [1, 1, 0],
+               "Number Theory|Level 3": [1], "Counting|Level 4": [0.5, 0.3], "Algebra|Level 1": [0, None],
+               "Algebra|Level 5": [1, 1, 0], "Prealgebra|Level 1": [1, 1]}
+    rows, correct = [], []
+    for category, values in results.items():
+        kind, level = category.split("|")
+        rows += [{"type": kind, "level": level}] * len(values)
+        correct += values
+    assert evaluation.quintile_accuracy(rows, correct, base) == {
+        "00-20%": {"accuracy": pytest.approx(1 / 4), "n": 4}, "20-40%": {"accuracy": pytest.approx(2 / 3), "n": 3},
+        "40-60%": {"accuracy": 1.0, "n": 1}, "60-80%": {"accuracy": pytest.approx(0.4), "n": 2},
+        ">80%": {"accuracy": pytest.approx(1 / 2), "n": 4}}
+    assert evaluation.category_accuracy(rows, correct) == pytest.approx({
+        "Algebra|Level 1": 0.0, "Algebra|Level 5": 2 / 3, "Counting|Level 4": 0.4, "Geometry|Level 1": 2 / 3,
+        "Geometry|Level 2": 0.0, "Number Theory|Level 3": 1.0, "Prealgebra|Level 1": 1.0, "Precalculus|Level 5": 1 / 3})
 
 
 # ----------------------------------------------------------------------------- watching a run: trackers, ETA, summary
