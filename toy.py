@@ -221,7 +221,8 @@ def build_gsm8k_judge(root: Path = ROOT, *, n_train: int = 3000, sft_steps: int 
     print(f"toy judge vs rule-based correctness on 200 held-out completions: agreement {agreement:.2f}, "
           f"{failures} unparsable replies")
     save_atomic(model, tokenizer, path)
-    (path / "judge_eval.json").write_text(json.dumps({"agreement": agreement, "parse_failures": failures}))
+    (path / "judge_eval.json").write_text(json.dumps({"agreement": agreement, "parse_failures": failures,
+                                                      "rule_correct_rate": truth.float().mean().item()}))
     print(f"toy judge built in {time.time() - t0:.0f}s: {path}")
     return path
 

@@ -30,8 +30,8 @@ def reset_run(small_toy, tmp_path_factory):
     steps, scored, train_step = [], [], grpo.train_step
 
     def spy(model, optimizer, batch, **kwargs):
-        steps.append({"batch": {k: v.clone() for k, v in batch.items()}, "kwargs": kwargs, "optimizer": optimizer,
-                      "weights": {k: v.clone() for k, v in model.state_dict().items()}})
+        steps.append({"batch": {k: v.detach().cpu().clone() for k, v in batch.items()}, "kwargs": kwargs,
+                      "optimizer": optimizer, "weights": {k: v.cpu().clone() for k, v in model.state_dict().items()}})
         return train_step(model, optimizer, batch, **kwargs)
 
     def score(rows, completions, has_eos):  # any reward that varies within a group
@@ -82,7 +82,7 @@ def test_reference_resets_after_steps_R_2R_and_logprobs_at_T(reset_run):
 
 def test_logged_kl_entropy_and_dr_grpo_loss_match_a_recomputation(reset_run):
     """Per step, from the weights alone: entropy and k3 KL to the reference and to the initial policy (token means),
-    and loss = Σ_i Σ_t (−A_i + β·k3) / (sequences × max_new_tokens) with A_i = r_i − mean of its prompt's rewards."""
+    and loss = Σ_i Σ_t (−A_i + β·k3) / (sequences × max_new_tokens), A_i = r_i − the mean of its prompt's rewards."""
     model = AutoModelForCausalLM.from_pretrained(reset_run["policy"], dtype=torch.float32).eval()
     steps, metrics = reset_run["steps"], reset_run["metrics"]
     assert [m["step"] for m in metrics] == list(range(STEPS))

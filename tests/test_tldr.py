@@ -3,19 +3,21 @@
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import eval as evaluation
 import grpo
 import toy
 import train_tldr
 from rewards import bradley_terry_loss, rm_last_token_scores
-from tiny import VOCAB, rollout_batch, tiny_model
+from tiny import VOCAB, greedy_continuation, rollout_batch, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,18 +46,55 @@ def run_cli(args):
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+def naive_heldout_pairs(rm_dir) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (chosen, rejected) of the saved RM on its held-out pairs, each sequence alone (prompt + completion +
+    EOS, no padding): the scalar head's output at the last token."""
+    tokenizer = grpo.load_tokenizer(str(rm_dir))
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    pairs = [json.loads(line) for line in (Path(rm_dir) / "pairs.jsonl").read_text().splitlines()]
+    pairs = [p for p in pairs if p["split"] == "heldout"]
+
+    def score(prompt, completion):
+        text = train_tldr.render(tokenizer, {"prompt": prompt}) + completion
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return rm.score(rm.model(torch.tensor([ids])).last_hidden_state)[0, -1, 0]
+
+    with torch.no_grad():
+        return (torch.stack([score(p["prompt"], p["chosen"]) for p in pairs]),
+                torch.stack([score(p["prompt"], p["rejected"]) for p in pairs]))
+
+
+def pair_accuracy(chosen, rejected) -> float:
+    return ((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean().item()
+
+
+def naive_win_rate(policy_dir, rows, max_new_tokens) -> tuple[float, float]:
+    """(win rate vs the references, mean gold) of greedy completions (`greedy_continuation`), both by the toy gold
+    reward, which also charges a completion without EOS; ties count 1/2."""
+    tokenizer = grpo.load_tokenizer(str(policy_dir))
+    model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    eos = grpo.eos_token_ids(tokenizer, model)
+    golds = []
+    for row in rows:
+        prompt = tokenizer(train_tldr.render(tokenizer, row), add_special_tokens=False)["input_ids"]
+        new = greedy_continuation(model, torch.tensor(prompt), max_new_tokens, eos)
+        golds.append(toy.tldr_gold_reward(row["prompt"], tokenizer.decode(new, skip_special_tokens=True),
+                                          has_eos=new[-1] in eos))
+    refs = [toy.tldr_gold_reward(r["prompt"], r["reference"]) for r in rows]
+    return sum((g > r) + 0.5 * (g == r) for g, r in zip(golds, refs)) / len(rows), sum(golds) / len(rows)
+
+
 @pytest.fixture(scope="session")
 def chain(small_tldr, tmp_path_factory):
-    """The whole chain, --stage all, one process, --reg none."""
+    """The whole chain, --stage all, one process, --reg none; float32, as the naive checks below (also on a GPU)."""
     out = tmp_path_factory.mktemp("chain")
-    return out, run(small_tldr, out, "--reg", "none")
+    return out, run(small_tldr, out, "--reg", "none", "--dtype", "float32")
 
 
 # ----------------------------------------------------------------------------- the chain
 
 def test_sft_stage_writes_a_loadable_policy(chain):
     out, result = chain
-    from transformers import AutoModelForCausalLM
     summary = json.loads((out / "sft" / "train_summary.json").read_text())
     assert summary == result["results"]["sft"] and summary["steps"] == 4 * 640 // 32
     assert math.isfinite(summary["final_loss"])
@@ -65,10 +104,11 @@ def test_sft_stage_writes_a_loadable_policy(chain):
 
 def test_rm_stage_reports_heldout_accuracy(chain):
     out, result = chain
-    from transformers import AutoModelForSequenceClassification
     summary = json.loads((out / "rm" / "train_summary.json").read_text())
     assert summary == result["results"]["rm"]
-    assert 0 <= summary["heldout_accuracy"] <= 1 and summary["heldout_pairs"] > 0
+    chosen, rejected = naive_heldout_pairs(out / "rm")
+    assert summary["heldout_pairs"] == len(chosen) > 0
+    assert summary["heldout_accuracy"] == pytest.approx(pair_accuracy(chosen, rejected))
     assert summary["pairs_sampled"] == 160 == (summary["train_pairs"] + summary["heldout_pairs"]
                                                + summary["gold_ties_dropped"] + summary["cut_off_dropped"])
     pairs = [json.loads(line) for line in (out / "rm" / "pairs.jsonl").read_text().splitlines()]
@@ -79,7 +119,32 @@ def test_rm_stage_reports_heldout_accuracy(chain):
     assert rm.config.num_labels == 1
 
 
-def test_rl_stage_logs_proxy_gold_and_rlhf_metrics(chain):
+def test_reward_model_learns_the_gold_preference_direction(chain, small_tldr, tmp_path, monkeypatch):
+    """Bradley–Terry direction through the RM stage: on pairs of one-word summaries (two topics of the post, the toy
+    gold prefers the more important one), the trained RM ranks held-out chosen above rejected far above chance, and
+    its training loss falls."""
+    def one_word_pairs(cfg, rows, device):
+        rng, pairs = random.Random(0), []
+        for i, row in enumerate(rows):
+            a, b = (" " + w for w in rng.sample(sorted(toy.tldr_topics(row["prompt"])), 2))
+            gold_a, gold_b = (toy.tldr_gold_reward(row["prompt"], c) for c in (a, b))
+            pairs.append({"index": i, "prompt": row["prompt"], "a": a, "b": b, "eos_a": True, "eos_b": True,
+                          "gold_a": gold_a, "gold_b": gold_b})
+        return pairs
+
+    monkeypatch.setattr(train_tldr, "sample_pairs", one_word_pairs)
+    run(small_tldr, tmp_path, "--stage", "rm", "--sft-dir", str(chain[0] / "sft"), "--rm-pairs", "200",
+        "--rm-heldout", "0.3", "--rm-lr", "1e-2")
+    chosen, rejected = naive_heldout_pairs(tmp_path / "rm")
+    n, right = len(chosen), int((chosen > rejected).sum())
+    # a coin-flipping RM gets ≥ `right` of n right with probability Σ_{k ≥ right} C(n, k) / 2^n; demand < 1e-3
+    assert n >= 30 and sum(math.comb(n, k) for k in range(right, n + 1)) / 2 ** n < 1e-3, (right, n)
+    assert bradley_terry_loss(chosen, rejected).item() < math.log(2) - 0.1  # held out, below chance's log 2
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "rm_metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+
+
+def test_rl_stage_logs_proxy_gold_and_rlhf_metrics(chain, small_tldr):
     out, result = chain
     init, *rows = read_metrics(out / "rl-none", with_initial_eval=True)
     assert [r["step"] for r in rows] == [0, 1, 2] and init["step"] == -1
@@ -87,11 +152,16 @@ def test_rl_stage_logs_proxy_gold_and_rlhf_metrics(chain):
         assert {"reward", "rewards/proxy", "rewards/gold", "rewards/true_reward", "grad_norm"} <= r.keys()
         assert r["reward"] == pytest.approx(r["rewards/proxy"])  # the trained reward is the proxy
     evals = [r for r in rows if "eval/win_rate" in r]
-    assert [r["step"] for r in evals] == [1, 2] and init["eval/kl"] == 0
+    assert [r["step"] for r in evals] == [1, 2]
     for r in evals + [init]:
-        assert 0 <= r["eval/win_rate"] <= 1 and 0 <= r["eval/bt_accuracy"] <= 1 and r["eval/sharpness"] >= 0
-        assert {"eval/gold", "eval/proxy", "eval/bt_loss", "eval/kl", "eval/sharpness_J"} <= r.keys()
+        assert {"eval/gold", "eval/proxy", "eval/bt_loss", "eval/bt_accuracy", "eval/kl"} <= r.keys()
+        assert r["eval/sharpness"] >= r["eval/sharpness_J"] - r["eval/sharpness_J_perturbed"] - 1e-12  # max ≥ mean
     assert result["results"]["rl"]["win_rate"] == evals[-1]["eval/win_rate"]
+    # the last eval is of the final policy: greedy completions of the first 16 test prompts, judged by the toy gold
+    eval_rows = train_tldr.short_enough(evaluation.load_tldr_rows(str(small_tldr[1]), "test"),
+                                        grpo.load_tokenizer(str(out / "sft")), 64, "eval")[:16]
+    win, gold = naive_win_rate(grpo.latest_checkpoint(out / "rl-none"), eval_rows, 16)
+    assert (evals[-1]["eval/win_rate"], evals[-1]["eval/gold"]) == pytest.approx((win, gold))
     assert grpo.latest_checkpoint(out / "rl-none").name == "ckpt-000003"
     assert (out / "rl-none" / "curves.png").stat().st_size > 0
 
@@ -126,12 +196,15 @@ def test_beta_default_depends_on_reg(small_tldr, tmp_path):
 
 def test_torchrun_two_processes_whole_chain(small_tldr, chain, tmp_path):
     proc = run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                    "train_tldr.py", *toy_args(small_tldr, tmp_path, "--reg", "reset", "--reset-every", "2")])
+                    "train_tldr.py", *toy_args(small_tldr, tmp_path, "--reg", "reset", "--reset-every", "2",
+                                               "--dtype", "float32")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     # SFT sees the same global batches as the 1-process chain: the same training up to float rounding
     single, sharded = (json.loads((d / "sft" / "train_summary.json").read_text()) for d in (chain[0], tmp_path))
     assert sharded["final_loss"] == pytest.approx(single["final_loss"], rel=1e-3)
-    assert 0 <= json.loads((tmp_path / "rm" / "train_summary.json").read_text())["heldout_accuracy"] <= 1
+    # the held-out accuracy the 2 ranks computed (scores gathered across ranks) is that of each pair scored alone
+    summary = json.loads((tmp_path / "rm" / "train_summary.json").read_text())
+    assert summary["heldout_accuracy"] == pytest.approx(pair_accuracy(*naive_heldout_pairs(tmp_path / "rm")))
     rows = read_metrics(tmp_path / "rl-reset")
     assert [r["step"] for r in rows] == [0, 1, 2] and "eval/bt_loss" in rows[-1] and "kl" in rows[0]
     assert (grpo.latest_checkpoint(tmp_path / "rl-reset") / "reference" / "model.safetensors").exists()
@@ -143,16 +216,13 @@ def test_eval_cli_on_checkpoint_and_plot(chain, small_tldr, tmp_path):
     summary = evaluation.evaluate(evaluation.EvalConfig(
         checkpoint=str(grpo.latest_checkpoint(out / "rl-none")), task="tldr", dataset=str(test), limit=12,
         gold_rm="toy", proxy_rm=str(out / "rm"), reference_model=str(out / "sft"), max_new_tokens=16,
-        batch_size=32, sharpness_perturbations=2, out=str(tmp_path / "eval.json")))
+        batch_size=32, sharpness_perturbations=2, dtype="float32", out=str(tmp_path / "eval.json")))
     assert json.loads((tmp_path / "eval.json").read_text()) == summary
-    assert summary["n"] == 12 and 0 <= summary["win_rate"] <= 1 and summary["grad_norm"] > 0
+    assert summary["n"] == 12 and summary["grad_norm"] > 0
     assert {"bt_loss", "bt_accuracy", "kl", "sharpness", "gold", "proxy"} <= summary.keys()
-    # the same metrics for the initial policy itself: KL exactly 0
-    init = evaluation.evaluate_tldr(evaluation.EvalConfig(
-        checkpoint=str(out / "sft"), task="tldr", dataset=str(test), split="train", limit=8, gold_rm="toy",
-        proxy_rm=str(out / "rm"), reference_model=str(out / "sft"), max_new_tokens=16, batch_size=32, dtype="float32",
-        sharpness_sigma=0.0, sharpness_perturbations=2), grad_norm=False)
-    assert init["kl"] == 0 and init["sharpness"] == 0  # σ = 0: J unchanged
+    rows = evaluation.load_tldr_rows(str(test), "test")[:12]
+    win, gold = naive_win_rate(grpo.latest_checkpoint(out / "rl-none"), rows, 16)
+    assert (summary["win_rate"], summary["gold"]) == pytest.approx((win, gold))
     png = tmp_path / "fig.png"
     proc = run_cli([sys.executable, "eval.py", "plot", str(out / "rl-none"), str(out / "rl-none" / "metrics.jsonl"),
                     "--out", str(png), "--panel", "step:rewards/proxy,rewards/gold", "--panel", "eval/kl:eval/gold"])
@@ -230,6 +300,25 @@ def test_kl_to_reference_sums_masked_tokens():
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     assert evaluation.kl_to_reference(logp, ref, mask).tolist() == pytest.approx([0.5 - 1.0, 0.5])
     assert evaluation.kl_to_reference(logp, logp, mask).abs().sum() == 0
+
+
+def test_sequence_kl_of_two_policies_matches_a_per_sequence_loop():
+    """eval's KL to the initial policy on a rollouts batch: Σ_t (log π − log π_init) over each completion, both
+    log-probs of logits / T, each sequence run alone."""
+    policy, init = tiny_model(seed=0), tiny_model(seed=1)
+    b = rollout_batch(n=4, prompt_len=5, completion_len=6, group=2)
+    batch = {"prompt_ids": b["input_ids"][:, :5], "prompt_mask": b["attention_mask"][:, :5],
+             "completion": b["input_ids"][:, 5:], "cmask": b["completion_mask"]}
+    expected = []
+    with torch.no_grad():
+        for i in range(4):
+            ids = b["input_ids"][i][b["attention_mask"][i].bool()][None]
+            n = int(b["completion_mask"][i].sum())
+            logp = [torch.log_softmax(m(ids).logits[0, -n - 1:-1] / 0.7, -1).gather(-1, ids[0, -n:, None]).sum()
+                    for m in (policy, init)]
+            expected.append(logp[0] - logp[1])
+    torch.testing.assert_close(evaluation.sequence_kl(policy, init, batch, 0.7), torch.stack(expected),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_sharpness_of_a_quadratic_has_known_value_and_restores_weights():

@@ -8,12 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from math_verify.errors import TimeoutException
+from transformers import AutoModelForCausalLM
 
 import eval as evaluation
 import grpo
 import toy
 import train_math
+from rewards import extract_xml_answer, render_chat
+from tiny import greedy_continuation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +36,24 @@ def read_metrics(out):
     return rows[1:]
 
 
+def rows_answered_by(policy, rows, max_new_tokens, path):
+    """Writes `rows` to `path` with the gold answer set to the policy's own greedy answer (`greedy_continuation` of
+    the GSM8K prompt without system prompt) on even rows and to one it never gives on odd rows; returns the greedy
+    pass@1 an eval of `policy` must report on them."""
+    tokenizer, model = grpo.load_tokenizer(str(policy)), AutoModelForCausalLM.from_pretrained(policy).eval()
+    eos = grpo.eos_token_ids(tokenizer, model)
+    answers = []
+    for row in rows:
+        prompt = tokenizer(render_chat(tokenizer, evaluation.prompt_messages("gsm8k", row, None)),
+                           add_special_tokens=False)["input_ids"]
+        new = greedy_continuation(model, torch.tensor(prompt), max_new_tokens, eos)
+        answers.append(extract_xml_answer(tokenizer.decode(new, skip_special_tokens=True)))
+    golds = [a if i % 2 == 0 and a is not None and "," not in a and "$" not in a else "never"
+             for i, a in enumerate(answers)]
+    path.write_text("".join(json.dumps({**r, "answer": f"#### {g}"}) + "\n" for r, g in zip(rows, golds)))
+    return sum(g != "never" for g in golds) / len(rows)
+
+
 def run_cli(args, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
@@ -44,21 +66,28 @@ def test_smoke_each_reg(small_toy, tmp_path, reg):
     final = train_math.main(cfg)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
-    assert rows[0]["kl_init"] == 0 and rows[2]["kl_init"] > 0  # the first update starts at the initial policy
     for r in rows:
-        assert {"reward", "rewards/correctness", "rewards/true_reward", "g1_norm", "entropy",
+        assert {"reward", "rewards/correctness", "rewards/true_reward", "g1_norm", "entropy", "kl_init",
                 "completion_length", "clipped_ratio", "time/generate"} <= r.keys()
         assert ("g2_norm" in r) == (reg == "gr") and ("kl" in r) == (reg in ("kl", "reset"))
-    assert 0 <= final["pass@1_greedy"] <= 1
+    assert final == {k.removeprefix("eval/"): v for k, v in rows[-1].items() if k.startswith("eval/")}  # the last eval
     ckpt = grpo.latest_checkpoint(tmp_path)
     assert ckpt.name == "ckpt-000003" and (ckpt / "model.safetensors").exists()
     assert (ckpt / "reference" / "model.safetensors").exists() == (reg == "reset")
 
 
 def test_torchrun_two_processes(small_toy, tmp_path):
+    """2 ranks: the run completes, and its sharded eval of the initial policy (4 problems per rank, gathered) reports
+    the pass@1 a naive greedy loop gives on problems whose gold is that loop's answer on every other row."""
+    train, test, policy = small_toy
+    rows = [json.loads(line) for line in Path(test).read_text().splitlines()][:8]
+    expected = rows_answered_by(policy, rows, 20, tmp_path / "test.jsonl")
     proc = run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29514",
-                    "train_math.py", *toy_args(small_toy, tmp_path, "--reg", "gr")])
+                    "train_math.py", *toy_args((train, tmp_path / "test.jsonl", policy), tmp_path, "--reg", "gr",
+                                               "--max-new-tokens", "20", "--dtype", "float32")])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    initial = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert initial["step"] == -1 and initial["eval/pass@1_greedy"] == expected > 0
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2]
     assert grpo.latest_checkpoint(tmp_path).name == "ckpt-000003"
 
@@ -67,12 +96,15 @@ def test_eval_on_saved_checkpoint(small_toy, tmp_path):
     cfg = grpo.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--steps", "1"), train_math.PRESETS)
     train_math.main(cfg)
     _, test, _ = small_toy
+    ckpt = grpo.latest_checkpoint(tmp_path)
+    rows = [json.loads(line) for line in Path(test).read_text().splitlines()][:10]
+    expected = rows_answered_by(ckpt, rows, 20, tmp_path / "test.jsonl")
     out = tmp_path / "eval.json"
-    summary = evaluation.evaluate(evaluation.EvalConfig(
-        checkpoint=str(grpo.latest_checkpoint(tmp_path)), dataset=str(test), limit=10, samples=2,
-        max_new_tokens=16, system_prompt="", out=str(out)))
+    summary = evaluation.evaluate(evaluation.EvalConfig(  # sampled at T → 0: every sample is the greedy one
+        checkpoint=str(ckpt), dataset=str(tmp_path / "test.jsonl"), samples=2, temperature=1e-6, max_new_tokens=20,
+        system_prompt="", dtype="float32", out=str(out)))
     assert json.loads(out.read_text()) == summary
-    assert summary["n"] == 10 and 0 <= summary["pass@1_greedy"] <= 1 and 0 <= summary["pass@1_sampled"] <= 1
+    assert summary["n"] == 10 and summary["pass@1_greedy"] == summary["pass@1_sampled"] == expected > 0
 
 
 @pytest.mark.parametrize("reg", ["gr", "reset"])

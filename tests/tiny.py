@@ -86,3 +86,14 @@ def rollout_batch(n: int = 6, prompt_len: int = 5, completion_len: int = 7, grou
             "attention_mask": torch.cat([prompt_mask, completion_mask], 1).to(device),
             "completion_mask": completion_mask.to(device),
             "advantages": adv.view(-1).to(device)}
+
+
+@torch.no_grad()
+def greedy_continuation(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_ids) -> list[int]:
+    """Greedy tokens after a 1-D prompt, the whole sequence through the model at every step (no cache, no padding,
+    no batch), up to and including the first EOS."""
+    ids, new = prompt_ids[None], []
+    while len(new) < max_new_tokens and (not new or new[-1] not in eos_token_ids):
+        new.append(model(ids).logits[0, -1].argmax().item())
+        ids = torch.cat([ids, torch.tensor([[new[-1]]])], 1)
+    return new
