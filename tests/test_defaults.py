@@ -19,7 +19,7 @@ SCRIPTS = {  # 256 sequences (32 × 8) per step; MATH 1024 (128 × 8); output le
     "judge": (train_judge, [], dict(prompts_per_step=32, max_new_tokens=768, gamma=1e-3, judge_max_new_tokens=64,
                                     failure_reward=-2.0)),  # App. C.5 and the authors' failure reward
     "tldr": (train_tldr, [], dict(prompts_per_step=32, max_new_tokens=106, gamma=1e-2, eos_penalty=-1.0, sft_epochs=1,
-                                  rm_epochs=1, sharpness_perturbations=32)),  # γ: the middle of Table 7's grid
+                                  rm_epochs=1, sharpness_perturbations=32, sharpness_sigma=0.02)),  # γ: Table 7's middle
 }
 
 
@@ -50,6 +50,11 @@ def test_explicit_flags_and_presets_win_over_the_defaults():
     toy = train_math.PRESETS["toy"]
     cfg = configure(train_math, ["--preset", "toy", "--task", "math"])
     assert (cfg.prompts_per_step, cfg.max_new_tokens) == (toy["prompts_per_step"], toy["max_new_tokens"])
+
+
+def test_eval_defaults_are_the_papers():
+    cfg = grpo.parse_config(evaluation.EvalConfig, [])
+    assert (cfg.temperature, cfg.eos_penalty, cfg.sharpness_perturbations, cfg.sharpness_sigma) == (0.7, -1.0, 32, 0.02)
 
 
 @pytest.mark.parametrize("task,tokens", [("gsm8k", 768), ("math", 1024), ("tldr", 106)])
