@@ -25,7 +25,7 @@ def reset_run(small_toy, tmp_path_factory):
     cfg = grpo.RLConfig(model=str(policy), out_dir=str(tmp_path_factory.mktemp("reset_run")), reg="reset",
                         steps=STEPS, reset_every=R, prompts_per_step=PROMPTS, group_size=GROUP, max_new_tokens=MAX_NEW,
                         temperature=TEMPERATURE, max_prompt_tokens=256, lr=1e-3, micro_batch_size=4, log_kl_init=True,
-                        save_every=100)
+                        save_every=100, dtype="float32", update_dtype="float32")  # fp32 as the recomputation, also on CUDA
     grpo.validate(cfg, check_model=False)
     steps, scored, train_step = [], [], grpo.train_step
 
