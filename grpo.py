@@ -11,6 +11,7 @@ T = completion length (right-padded), V = vocabulary.
 """
 
 import argparse
+import atexit
 import contextlib
 import copy
 import dataclasses
@@ -95,6 +96,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
+        # a group left alive at exit can abort the interpreter's teardown ("terminate called without an active
+        # exception") and turn a finished run into a failed one
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return *rank_and_world(), device
 
 
