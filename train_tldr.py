@@ -305,8 +305,6 @@ def run_rm(cfg: Config, rows: list[dict]) -> dict:
     if grpo.is_main():
         print(f"rm: held-out accuracy {summary['heldout_accuracy']:.3f}, BT loss {summary['heldout_bt_loss']:.4f} "
               f"on {len(heldout)} pairs; wrote {cfg.rm_dir} in {summary['seconds']}s")
-    del rm
-    gc.collect()
     return summary
 
 

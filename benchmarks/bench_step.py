@@ -56,13 +56,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
 from gr import _local, block_parameters  # noqa: E402
 
-SIZES = {  # Qwen2Config kwargs
+SIZES = {  # Qwen2Config kwargs (untied head unless the size says otherwise); benchmarks/gr_precision.py uses them too
     "tiny": dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2),
     "1m": dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=2),
     "10m": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
                 num_key_value_heads=4),
+    "30m": dict(vocab_size=16384, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=2),
+    "100m": dict(vocab_size=16384, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=2),
+    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,  # Qwen2.5-0.5B
+                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6),
 }
 UPDATES = ("plain", "kl", "gr")  # ratios are to plain
 GENS = ("ours", "hf", "hf_static")  # ratios are to hf
@@ -116,25 +122,42 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def cpu_name() -> str:
+    if os.path.exists("/proc/cpuinfo"):
+        return next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+                    platform.processor())
+    return platform.processor()
+
+
+def machine(device) -> str:
+    """The first line of a measurement: versions, CPU and its load, torch threads, GPU."""
+    import transformers
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "-"
+    load = " load average %.2f %.2f %.2f," % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    return (f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}; "
+            f"CPU {cpu_name()} ({os.cpu_count()} cores),{load} torch threads {torch.get_num_threads()}, GPU {gpu}")
+
+
+def qwen2(size: str, seed: int):
+    """A Qwen2 of a built-in size with the model's own random init (HF's, std 0.02), fp32."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(**{"tie_word_embeddings": False, **SIZES[size]}, max_position_embeddings=4096,
+                                        attn_implementation="sdpa", bos_token_id=2, eos_token_id=1, pad_token_id=0))
+
+
 def build_model(cfg: Config, size: str, device):
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
     dtype = getattr(torch, cfg.dtype)
-    if cfg.model:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
-    else:
-        torch.manual_seed(cfg.seed)
-        qcfg = Qwen2Config(**SIZES[size], tie_word_embeddings=False, max_position_embeddings=4096,
-                           attn_implementation="sdpa", bos_token_id=2, eos_token_id=1, pad_token_id=0)
-        model = Qwen2ForCausalLM(qcfg).to(dtype)
+    model = (AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype) if cfg.model else
+             qwen2(size, cfg.seed).to(dtype))
     return model.to(device).eval()  # as grpo.load_model: no dropout in RL
 
 
-def make_batch(cfg: Config, vocab: int, rank: int, world: int, device):
-    """The global batch as the trainer builds it (tests/tiny.py `rollout_batch`), this rank's share.
-
-    Left-padded prompts (uneven), right-padded completions (uneven lengths), group advantages (G = 4)."""
-    n, P, T = cfg.n_seqs, cfg.prompt_len, cfg.completion_len
-    g = torch.Generator().manual_seed(cfg.seed + 1)
+def random_batch(n: int, P: int, T: int, vocab: int, seed: int, group: int = 4) -> dict:
+    """A batch as the trainer builds it (tests/tiny.py `rollout_batch`), on the CPU: left-padded prompts (uneven),
+    right-padded completions (uneven lengths), Dr.GRPO advantages of uniform rewards in groups of `group`."""
+    g = torch.Generator().manual_seed(seed + 1)
     prompt = torch.randint(3, vocab, (n, P), generator=g)
     prompt_mask = torch.ones(n, P, dtype=torch.long)
     completion = torch.randint(3, vocab, (n, T), generator=g)
@@ -144,10 +167,15 @@ def make_batch(cfg: Config, vocab: int, rank: int, world: int, device):
         prompt_mask[i, :pad], prompt[i, :pad] = 0, 0
         completion_mask[i, T - (i * 7) % max(T // 2, 1):] = 0
     completion = completion * completion_mask
-    adv = grpo.group_advantages(torch.rand(n, generator=g), 4 if n % 4 == 0 else 1)
-    share = slice(rank * n // world, (rank + 1) * n // world)
-    batch = {"input_ids": torch.cat([prompt, completion], 1), "attention_mask": torch.cat([prompt_mask, completion_mask], 1),
-             "completion_mask": completion_mask, "advantages": adv}
+    adv = grpo.group_advantages(torch.rand(n, generator=g), group if n % group == 0 else 1)
+    return {"input_ids": torch.cat([prompt, completion], 1), "attention_mask": torch.cat([prompt_mask, completion_mask], 1),
+            "completion_mask": completion_mask, "advantages": adv}
+
+
+def make_batch(cfg: Config, vocab: int, rank: int, world: int, device):
+    """This rank's share of the global random batch."""
+    share = slice(rank * cfg.n_seqs // world, (rank + 1) * cfg.n_seqs // world)
+    batch = random_batch(cfg.n_seqs, cfg.prompt_len, cfg.completion_len, vocab, cfg.seed)
     return {k: v[share].to(device) for k, v in batch.items()}
 
 
@@ -408,16 +436,8 @@ def main(argv=None):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     grpo.seed_everything(cfg.seed)
-    import transformers
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), cpu)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "-"
-    load = " load average %.2f %.2f %.2f," % os.getloadavg() if hasattr(os, "getloadavg") else ""
     kept = "on" if grpo.rank_device().type == "cpu" else "off (CUDA)"  # init_distributed's rule
-    log(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}; "
-        f"CPU {cpu} ({os.cpu_count()} cores),{load} torch threads {torch.get_num_threads()}, GPU {gpu}, world {world}; "
-        f"keep_freed_memory {kept}")
+    log(f"{machine(device)}, world {world}; keep_freed_memory {kept}")
     log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     sizes = [cfg.model] if cfg.model else [s for s in cfg.sizes.split(",") if s]
     results = [bench(cfg, s, rank, world, device) for s in sizes]

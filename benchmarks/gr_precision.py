@@ -58,8 +58,6 @@ weights lose more of d the larger the model: at ε·‖g1‖ ≈ 1e-2, cos 0.99 
 import copy
 import dataclasses
 import math
-import os
-import platform
 import sys
 import time
 import types
@@ -71,23 +69,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grpo  # noqa: E402
+from bench_step import SIZES, machine, qwen2, random_batch  # noqa: E402
 from gr import block_parameters, gr_backward  # noqa: E402
 
-SIZES = {  # Qwen2Config kwargs
-    "tiny": dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2),
-    "1m": dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2),
-    "10m": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
-                num_key_value_heads=4),
-    "30m": dict(vocab_size=16384, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                num_key_value_heads=2),
-    "100m": dict(vocab_size=16384, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                 num_attention_heads=12, num_key_value_heads=2),
-    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6),
-}
 MODES = ("float64", "float32", "tf32", "bf16-autocast", "bf16-held")
 GROUP = 4  # rollouts per prompt in the random batch
 
@@ -116,14 +102,9 @@ class Config:
 
 def build_model(cfg: Config, size: str, device) -> nn.Module:
     """The fp32 master model: a checkpoint, or a built-in size with the model's own random init (std 0.02)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
-    if cfg.model:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
-    else:
-        torch.manual_seed(cfg.seed)
-        kwargs = {"tie_word_embeddings": False, **SIZES[size]}
-        model = Qwen2ForCausalLM(Qwen2Config(**kwargs, max_position_embeddings=4096, attn_implementation="sdpa",
-                                             bos_token_id=2, eos_token_id=1, pad_token_id=0)).float()
+    from transformers import AutoModelForCausalLM
+    model = (AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32) if cfg.model else
+             qwen2(size, cfg.seed).float())
     return model.to(device).eval()  # as grpo.load_model: no dropout in RL
 
 
@@ -152,22 +133,8 @@ def parse_batch(spec: str) -> tuple[int, int, int]:
 
 
 def make_batch(n: int, P: int, T: int, vocab: int, seed: int, device) -> dict:
-    """A random batch as the trainer builds it (bench_step.py's make_batch): left-padded prompts, right-padded
-    completions of uneven lengths, Dr.GRPO group advantages (G = 4) of uniform rewards."""
-    g = torch.Generator().manual_seed(seed + 1)
-    prompt = torch.randint(3, vocab, (n, P), generator=g)
-    prompt_mask = torch.ones(n, P, dtype=torch.long)
-    completion = torch.randint(3, vocab, (n, T), generator=g)
-    completion_mask = torch.ones(n, T, dtype=torch.long)
-    for i in range(n):
-        pad = (i * 5) % max(P // 2, 1)
-        prompt_mask[i, :pad], prompt[i, :pad] = 0, 0
-        completion_mask[i, T - (i * 7) % max(T // 2, 1):] = 0
-    completion = completion * completion_mask
-    adv = grpo.group_advantages(torch.rand(n, generator=g), GROUP if n % GROUP == 0 else 1)
-    batch = {"input_ids": torch.cat([prompt, completion], 1), "attention_mask": torch.cat([prompt_mask, completion_mask], 1),
-             "completion_mask": completion_mask, "advantages": adv}
-    return {k: v.to(device) for k, v in batch.items()}
+    """A random batch as the trainer builds it (bench_step.py's `random_batch`), on `device`."""
+    return {k: v.to(device) for k, v in random_batch(n, P, T, vocab, seed, GROUP).items()}
 
 
 # ----------------------------------------------------------------------------- compute modes
@@ -392,14 +359,7 @@ def main(argv=None):
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    import transformers
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), cpu)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "-"
-    load = " load average %.2f %.2f %.2f," % os.getloadavg() if hasattr(os, "getloadavg") else ""
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}; "
-          f"CPU {cpu} ({os.cpu_count()} cores),{load} torch threads {torch.get_num_threads()}, GPU {gpu}")
+    print(machine(device))
     print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     print(f"d = (g2 − g1)/ε from gr.gr_backward (γ = ε, no clipping). cos and ratio compare each mode with the "
           f"{cfg.reference} reference computed at the SAME ε: they isolate rounding from finite-difference truncation"

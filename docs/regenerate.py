@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import grpo  # noqa: E402
 
 README = ROOT / "README.md"
@@ -45,17 +45,15 @@ class Config:
 
 def machine() -> str:
     import torch
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), cpu)
+    from bench_step import cpu_name
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu} ({os.cpu_count()} cores{gpu}), torch {torch.__version__}, python {platform.python_version()}"
+    return f"{cpu_name()} ({os.cpu_count()} cores{gpu}), torch {torch.__version__}, python {platform.python_version()}"
 
 
 def commit() -> str:
     sha = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!README.md",
+                            ":!docs/study_*.png"], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # not ours
     return sha.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
 
 

@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM
 
 import eval as evaluation
 import grpo
-import toy
 import train_math
 from rewards import extract_xml_answer, render_chat
 from tiny import greedy_continuation
