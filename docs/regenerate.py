@@ -8,7 +8,7 @@ command that produced it, the commit and the machine. NAME: main (the main job, 
 summary (that run's summary.json; after main), tldr
 (the TL;DR toy chain and an RL run per --reg), performance (benchmarks/bench_step.py), precision
 (benchmarks/gr_precision.py), study (study.py, with its plots copied to docs/). Runs go to runs/readme/; with
---fresh (the default) the toy caches (.cache/toy) are rebuilt first, as on a fresh clone.
+--fresh (the default) the toy caches (.cache/toy, runs/toy_tldr) are rebuilt first, as on a fresh clone.
 """
 
 import json
@@ -126,7 +126,7 @@ def table_tldr() -> str:
     lines.append("| SFT policy | " + " | ".join(f"{sft[c]:.2f}" for c in cols) + " |")
     for reg, flags in TLDR_RUNS.items():
         last = records(out / f"rl-{reg}" / "metrics.jsonl")[-1]
-        lines.append(f"| {reg} {' '.join(flags)} | " + " | ".join(f"{last[c]:.2f}" for c in cols) + " |")
+        lines.append(f"| {' '.join([reg, *flags])} | " + " | ".join(f"{last[c]:.2f}" for c in cols) + " |")
     return header(commands, seconds) + f"\nProxy RM: held-out pair accuracy {rm['heldout_accuracy']:.3f} on " \
         f"{rm['heldout_pairs']} pairs ({rm['train_pairs']:,} train pairs). End of RL (step 150), greedy eval on 256 " \
         "test prompts:\n\n" + "\n".join(lines) + "\n"
@@ -186,8 +186,9 @@ def main(cfg: Config) -> None:
     for name in names:  # fail before hours of work, not after
         if f"<!-- results:{name} -->" not in readme.read_text():
             grpo.fail(f"{readme} has no <!-- results:{name} --> block")
-    if cfg.fresh:
-        shutil.rmtree(ROOT / ".cache" / "toy", ignore_errors=True)
+    if cfg.fresh:  # the toys and what study.py builds from them under the toy preset's own out dir
+        for path in (ROOT / ".cache" / "toy", ROOT / "runs" / "toy_tldr"):
+            shutil.rmtree(path, ignore_errors=True)
     for name in names:
         t0 = time.time()
         rewrite(readme, name, globals()[f"table_{name}"]())
