@@ -8,7 +8,8 @@ command that produced it, the commit and the machine. NAME: main (the main job, 
 summary (that run's summary.json; after main), tldr
 (the TL;DR toy chain and an RL run per --reg), performance (benchmarks/bench_step.py), precision
 (benchmarks/gr_precision.py), study (study.py, with its plots copied to docs/). Runs go to runs/readme/; with
---fresh (the default) the toy caches (.cache/toy, runs/toy_tldr) are rebuilt first, as on a fresh clone.
+--fresh (the default) the toy caches (.cache/toy, runs/toy_tldr) are rebuilt first, as on a fresh clone; with
+--no-fresh an interrupted study resumes from its finished runs.
 """
 
 import json
@@ -157,7 +158,7 @@ def table_precision() -> str:
 
 def table_study() -> str:
     out = OUT / "study"
-    shutil.rmtree(out, ignore_errors=True)
+    resumed = len(list(out.glob("*/*/done")))  # finished runs study.py skips (kept by --no-fresh)
     cmd = ["python", "study.py", "--out-dir", str(out.relative_to(ROOT))]
     seconds = run([sys.executable, *cmd[1:]], OUT / "study.log")
     text = (out / "table.md").read_text()
@@ -165,7 +166,9 @@ def table_study() -> str:
         shutil.copy(png, ROOT / "docs" / f"study_{png.parent.name}_{png.name}")
     text = re.sub(r"!\[(.*?)\]\((\w+)/(\w+\.png)\)", r"![\1](docs/study_\2_\3)", text)
     text = text.replace("# Reward-hacking study", "####").replace("\n## ", "\n#### ")
-    return header([" ".join(cmd)], seconds) + "\n" + text.split("\n", 1)[1] + "\n"
+    note = (f"\n*Resumed: {resumed} runs had finished in an earlier, interrupted invocation; the time above "
+            f"excludes them.*\n")
+    return header([" ".join(cmd)], seconds) + (note if resumed else "") + "\n" + text.split("\n", 1)[1] + "\n"
 
 
 def rewrite(readme: Path, name: str, body: str) -> None:
@@ -187,7 +190,7 @@ def main(cfg: Config) -> None:
         if f"<!-- results:{name} -->" not in readme.read_text():
             grpo.fail(f"{readme} has no <!-- results:{name} --> block")
     if cfg.fresh:  # the toys and what study.py builds from them under the toy preset's own out dir
-        for path in (ROOT / ".cache" / "toy", ROOT / "runs" / "toy_tldr"):
+        for path in (ROOT / ".cache" / "toy", ROOT / "runs" / "toy_tldr", OUT / "study"):
             shutil.rmtree(path, ignore_errors=True)
     for name in names:
         t0 = time.time()
