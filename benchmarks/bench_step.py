@@ -8,9 +8,10 @@ code path, `grpo.train_step` with Adam on a batch built like tests/tiny.py `roll
 prompts, right-padded completions); the kl variant times `grpo.reference_logprobs` too. Generation runs as the
 trainer's does, on `grpo.rollout_model` (the --gen-dtype replica of the policy, or the policy itself), with the
 same prompts and sampling distribution (temperature, top_k 0, top_p 1) for every variant, all forced to emit
-exactly the requested number of tokens (no EOS): ours (`grpo.generate`: static KV cache, and with --cuda-graphs
-CUDA-graph decode steps), HF `generate` (its DynamicCache, eager), and HF `generate` with a static cache and
-`torch.compile` (--hf-static; the best HF offers: CUDA graphs on GPU; on CPU a long compile). Printed per variant:
+exactly the requested number of tokens (no EOS). --gens picks the variants: ours (`grpo.generate`: static KV
+cache, eager), graphed (the same with CUDA-graph decode steps, the trainer's --cuda-graphs; CUDA only), hf (HF
+`generate`: its DynamicCache, eager) and hf_static (HF `generate` with a static cache and `torch.compile`, the best
+HF offers: CUDA graphs on GPU; on CPU a long compile). Printed per variant:
 tok/s, ms per decode step, and with --bandwidth-gbs the share of the memory-bandwidth bound (every decode step reads
 the weights and the KV cache once).
 Setup is the trainer's, `grpo.init_distributed()`, so on CPU glibc keeps freed memory
@@ -28,12 +29,16 @@ Commands (from the repository root; --threads 1 is the default, see its help):
     python benchmarks/bench_step.py                                   # ~1M and ~10M Qwen2 on CPU, < 3 min on 2 cores
     torchrun --nproc_per_node=2 benchmarks/bench_step.py              # FSDP2 (gloo on CPU, nccl on GPUs)
     python benchmarks/bench_step.py --model Qwen/Qwen2.5-0.5B-Instruct --gen-dtype bfloat16 --n-seqs 64 \
-        --prompt-len 256 --completion-len 512 --gen-shape 256x128+768 --cuda-graphs --bandwidth-gbs 4800  # GPU
+        --prompt-len 256 --completion-len 512 --gen-shape 256x128+768 --gens ours,graphed,hf,hf_static \
+        --bandwidth-gbs 4800                                                      # GPU
+    python benchmarks/bench_step.py --sizes 1.5b --gen-only --gens graphed --gen-dtype bfloat16 \
+        --gen-shape 128x256+1024 --bandwidth-gbs 4800                # rollouts alone, a Qwen2.5-1.5B shape
 
 Model sizes (random init, built from configs, untied head, exact parameter counts):
     tiny  vocab 48,   d 32,  4 layers, MLP 64:      40,480 params (37,376 in blocks; for the test)
     1m    vocab 1024, d 128, 4 layers, MLP 384:  1,050,752 params (788,480 in blocks)
     10m   vocab 8192, d 256, 8 layers, MLP 768: 10,494,208 params (6,299,648 in blocks)
+    30m, 100m (gr_precision.py's ladder); 0.5b, 1.5b: the shapes of Qwen2.5-0.5B and -1.5B (tied head)
 """
 
 import copy
@@ -69,9 +74,11 @@ SIZES = {  # Qwen2Config kwargs (untied head unless the size says otherwise); be
                  num_attention_heads=12, num_key_value_heads=2),
     "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,  # Qwen2.5-0.5B
                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6),
+    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,  # Qwen2.5-1.5B
+                 num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6),
 }
 UPDATES = ("plain", "kl", "gr")  # ratios are to plain
-GENS = ("ours", "hf", "hf_static")  # ratios are to hf
+GENS = ("ours", "graphed", "hf", "hf_static")  # ratios are to hf (else to the first timed)
 
 
 @dataclass
@@ -94,9 +101,11 @@ class Config:
     gen_tokens: int = field(default=0, metadata={"help": "tokens each rollout generates (0: --completion-len)"})
     gen_shape: str = field(default="", metadata={"help": "generation shape NxP+T, e.g. 256x128+768: sequences per rank "
                                                          "x (prompt + new tokens); default the update batch's"})
-    hf_static: bool = field(default=True, metadata={"help": "also time HF generate with a static cache + torch.compile"})
-    cuda_graphs: bool = field(default=False, metadata={"help": "ours with CUDA-graph decode steps (the trainer's "
-                                                              "--cuda-graphs)"})
+    gen_only: bool = field(default=False, metadata={"help": "time generation only (no update variants)"})
+    gens: str = field(default="ours,hf,hf_static", metadata={
+        "help": "comma-separated generation variants: ours (static cache, eager), graphed (ours with CUDA-graph decode "
+                "steps; CUDA only), hf (HF generate, eager; the ratios' reference when timed, else the first), "
+                "hf_static (HF generate, static cache + torch.compile)"})
     bandwidth_gbs: float = field(default=0.0, metadata={"help": "device memory bandwidth in GB/s (H200 ~4800, H100 "
                                                                 "~3350): prints each variant's share of that bound"})
     repeats: int = field(default=5, metadata={"help": "timed repeats of each variant (alternating); medians reported"})
@@ -198,7 +207,8 @@ def generate(name, cfg: Config, model, ids, mask, n_new: int, seed: int, rank: i
     no_eos = model.config.vocab_size + 7
     autocast = next(model.parameters()).dtype == torch.float32 and cfg.gen_dtype != "float32"
     with grpo.autocast(ids.device, cfg.gen_dtype if autocast else "float32"):
-        if name == "ours":
+        if name in ("ours", "graphed"):
+            model.grpo_cuda_graphs = name == "graphed"  # what grpo.rollout_model(..., cuda_graphs=) marks
             out, _ = grpo.generate(model, ids, mask, max_new_tokens=n_new, eos_token_ids=[no_eos], pad_token_id=0,
                                    temperature=cfg.temperature, generator=grpo.step_generator(seed, 0, rank, ids.device))
             return out
@@ -352,27 +362,27 @@ def bench(cfg: Config, size: str, rank: int, world: int, device) -> dict:
         f"batch {n_local}x({cfg.prompt_len}+{cfg.completion_len}) per rank, micro-batch {cfg.micro_batch_size}; "
         f"generate {n_local}x{n_new} tokens per rank")
 
-    updates = {u: (lambda r, u=u: update(u, cfg, model, ref, opt, batch)) for u in UPDATES}
+    updates = {u: (lambda r, u=u: update(u, cfg, model, ref, opt, batch)) for u in UPDATES if not cfg.gen_only}
     samples = alternate(updates, cfg, device)
-    mem = {u: peak_bytes(lambda: fn(0), device) for u, fn in updates.items()} if cfg.memory else {}
+    mem = {u: peak_bytes(lambda: fn(0), device) for u, fn in updates.items()} if cfg.memory and updates else {}
 
-    rollout = grpo.rollout_model(model, getattr(torch, cfg.gen_dtype), cuda_graphs=cfg.cuda_graphs)
+    rollout = grpo.rollout_model(model, getattr(torch, cfg.gen_dtype))
     prompt_ids, prompt_mask, shape_new = gen_prompts(cfg, model.config.vocab_size, batch, device)
     n_gen, n_new = prompt_ids.shape[0], shape_new or n_new
     log(f"generation: {n_gen}x({prompt_ids.shape[1]}+{n_new}) per rank on "
-        f"{'a ' + cfg.gen_dtype + ' replica' if rollout is not model else 'the policy'}"
-        f"{' with CUDA-graph decode' if cfg.cuda_graphs else ''}")
+        f"{'a ' + cfg.gen_dtype + ' replica' if rollout is not model else 'the policy'}")
 
     def gen(g, r):  # the same prompts for every variant; a new sampling seed each repeat
         out = generate(g, cfg, rollout, prompt_ids, prompt_mask, n_new, seed=cfg.seed + r, rank=rank)
         assert out.shape == (n_gen, n_new), (g, tuple(out.shape))
-    gsamples = alternate({g: (lambda r, g=g: gen(g, r)) for g in GENS if g != "hf_static" or cfg.hf_static}, cfg,
-                         device)
+    gens = [g for g in cfg.gens.split(",") if g != "graphed" or device.type == "cuda"]  # no graphs on a CPU
+    gsamples = alternate({g: (lambda r, g=g: gen(g, r)) for g in gens}, cfg, device)
+    gen_ref = "hf" if "hf" in gens else gens[0]
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     res = {"size": name, "params": n_params, "block_params": n_block,
-           "updates": summarize(samples, "plain"),
-           "gens": summarize(gsamples, "hf", per=n_gen * n_new * world, inverse=True), "n_new": n_new,
+           "updates": summarize(samples, "plain"), "gen_ref": gen_ref,
+           "gens": summarize(gsamples, gen_ref, per=n_gen * n_new * world, inverse=True), "n_new": n_new,
            "bound": bound_tok_s(rollout, n_gen * world, prompt_ids.shape[1], n_new, cfg.bandwidth_gbs)
                     if cfg.bandwidth_gbs else 0.0,
            "mem": {u: b for u, (b, _) in mem.items()}, "mem_exact": all(exact for _, exact in mem.values()),
@@ -385,14 +395,15 @@ def bench(cfg: Config, size: str, rank: int, world: int, device) -> dict:
 
 
 def report(res: dict):
-    mem = res["mem"]
-    log(f"{'update':<9}{'wall ms':>9}{'/plain':>8}{'paired':>8}{'cpu ms':>9}{'/plain':>8}{'peak mem':>12}{'extra':>12}"
-        f"   wall ms per repeat")
+    mem, ref = res["mem"], res["gen_ref"]
+    if res["updates"]:
+        log(f"{'update':<9}{'wall ms':>9}{'/plain':>8}{'paired':>8}{'cpu ms':>9}{'/plain':>8}{'peak mem':>12}{'extra':>12}"
+            f"   wall ms per repeat")
     for u, r in res["updates"].items():
         m = f"{mib(mem[u]):>12}{mib(mem[u] - mem['plain']):>12}" if mem else ""
         log(f"{u:<9}{1e3 * r['wall']:9.1f}{r['wall_ratio']:7.3f}x{r['wall_paired']:7.3f}x{1e3 * r['cpu']:9.1f}"
             f"{r['cpu_ratio']:7.3f}x{m}   {[round(1e3 * x, 1) for x in r['all_wall']]}")
-    log(f"{'generate':<14}{'tok/s':>8}{'/hf':>8}{'paired':>8}{'tok/cpu-s':>10}{'/hf':>8}{'ms/step':>9}"
+    log(f"{'generate':<14}{'tok/s':>8}{'/' + ref:>8}{'paired':>8}{'tok/cpu-s':>10}{'/' + ref:>8}{'ms/step':>9}"
         f"{'of bound':>10}")
     for g, r in res["gens"].items():
         share = f"{r['wall'] / res['bound']:9.1%}" if res["bound"] else ""
@@ -412,7 +423,7 @@ def report(res: dict):
 
 def summary(results: list[dict]):
     log("\n=== summary: medians over repeats; x = ratio of medians (wall | process CPU time); "
-        "update vs plain, generation vs HF generate")
+        "update vs plain, generation vs HF generate (or the first variant timed)")
     for res in results:
         mem, b = res["mem"], res["budget"]
         for u, r in res["updates"].items():
@@ -422,12 +433,15 @@ def summary(results: list[dict]):
         if mem:
             log(f"{res['size']:>6} GR memory budget {b['grads_fp32'] + b['block_params']:>39,} B (fp32 grads + block params)")
         for g, r in res["gens"].items():
-            log(f"{res['size']:>6} generate {g:<11}{r['wall']:9.0f} tok/s {r['wall_ratio']:5.3f}x | {r['cpu_ratio']:6.3f}x hf"
-                f"  {1e3 * median(r['all_wall']) / res['n_new']:8.2f} ms/step")
+            log(f"{res['size']:>6} generate {g:<11}{r['wall']:9.0f} tok/s {r['wall_ratio']:5.3f}x | {r['cpu_ratio']:6.3f}x "
+                f"{res['gen_ref']}  {1e3 * median(r['all_wall']) / res['n_new']:8.2f} ms/step")
 
 
 def main(argv=None):
     cfg = grpo.parse_config(Config, argv)
+    unknown = [g for g in cfg.gens.split(",") if g not in GENS]
+    if unknown or not cfg.gens:
+        grpo.fail(f"--gens: unknown {unknown or 'empty'}; choose from {list(GENS)}")
     # the trainer's setup: process group under torchrun and, on CPU, grpo.keep_freed_memory (glibc keeps freed
     # memory), which changes update times (GR's most: its peak is highest), so the benchmark must run with it too
     rank, world, device = grpo.init_distributed()

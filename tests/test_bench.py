@@ -14,7 +14,7 @@ import grpo
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_step.py"
 TINY = ["--sizes", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--n-seqs", "8", "--prompt-len", "6",
-        "--completion-len", "5", "--micro-batch-size", "4", "--no-hf-static"]  # HF's compile: ~40 s on a CPU
+        "--completion-len", "5", "--micro-batch-size", "4", "--gens", "ours,hf"]  # HF's compile: ~40 s on a CPU
 UPDATES, GENS = ["plain", "kl", "gr"], ["ours", "hf"]
 
 
@@ -47,6 +47,14 @@ def test_bench_prints_ratio_table():
     assert "upper bound" not in out
 
 
+def test_bench_times_generation_alone_against_ours():
+    out = run("--gen-only", "--gens", "ours,graphed")  # on a CPU graphed is left out: graphs are CUDA's
+    assert not re.search(r"update (plain|kl|gr)|^(plain|kl|gr) |GR extra memory", out, re.M)
+    assert re.search(r"^generate\s+tok/s\s+/ours", out, re.M) and re.search(r"^ours\s+\d+\s+1\.000x", out, re.M)
+    assert re.search(r"tiny generate ours\s+\d+ tok/s 1\.000x \|\s+1\.000x ours", out)
+    assert not re.search(r"^(hf|graphed)\s", out, re.M)
+
+
 def test_bench_uses_trainer_setup(monkeypatch):
     """The benchmark goes through grpo.init_distributed, so glibc keeps freed memory as in training (CPU runs)."""
     monkeypatch.setenv("GRPO_DEVICE", "cpu")
@@ -66,6 +74,6 @@ def test_bench_help_lists_options():
     out = subprocess.run([sys.executable, str(BENCH), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
     for flag in ("--sizes", "--model", "--dtype", "--gen-dtype", "--update-dtype", "--device", "--repeats", "--warmup",
-                 "--micro-batch-size", "--gen-shape", "--hf-static", "--cuda-graphs", "--bandwidth-gbs"):
+                 "--micro-batch-size", "--gen-shape", "--gen-only", "--gens", "--bandwidth-gbs"):
         assert flag in out.stdout, flag
     assert "--malloc-keep" not in out.stdout and "--updates" not in out.stdout
