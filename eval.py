@@ -479,6 +479,11 @@ def load_metrics(run) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def moving_average(xs, window: int = 10) -> list[float]:
+    """Mean of the last `window` values at each point (fewer at the start)."""
+    return [sum(xs[max(0, i - window + 1):i + 1]) / len(xs[max(0, i - window + 1):i + 1]) for i in range(len(xs))]
+
+
 # the paper's Fig. 3/4 quantities: proxy vs gold reward over steps, gold reward vs KL to the initial policy, ...
 TLDR_PANELS = [("step", ["rewards/proxy", "rewards/gold"]), ("eval/kl", ["eval/gold", "eval/proxy"]),
                ("step", ["eval/win_rate"]), ("step", ["grad_norm"]), ("step", ["eval/bt_loss"]),
@@ -505,8 +510,7 @@ def plot_runs(runs, out, panels: list[tuple[str, list[str]]], *, title: str | No
                     continue
                 xs, vs = zip(*pts)
                 if x == "step" and len(vs) > 3 * smooth:
-                    vs = [sum(vs[max(0, i - smooth + 1):i + 1]) / len(vs[max(0, i - smooth + 1):i + 1])
-                          for i in range(len(vs))]
+                    vs = moving_average(vs, smooth)
                 ax.plot(xs, vs, marker="o" if len(xs) < 30 else None, markersize=3,
                         label=y if len(data) == 1 else f"{name}: {y}",
                         color=colors[(j if len(data) == 1 else k) % len(colors)],

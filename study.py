@@ -21,7 +21,6 @@ KL to init, every run, Fig. 4 style) and diagnostics.png (sharpness, proxy accur
 steps, mean over seeds).
 """
 
-import json
 import os
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpo
+from eval import load_metrics, moving_average
 
 ROOT = Path(__file__).resolve().parent
 TASKS = {
@@ -98,18 +98,10 @@ def prepare(task: str) -> None:
         subprocess.run([sys.executable, "toy.py", "judge"], cwd=ROOT, env=env, check=True, capture_output=True)
 
 
-def moving_average(xs: list[float], window: int = 10) -> list[float]:
-    return [sum(xs[max(0, i - window + 1):i + 1]) / len(xs[max(0, i - window + 1):i + 1]) for i in range(len(xs))]
-
-
-def read(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def summarize(run: Path, spec: dict) -> dict:
     """One run: final/best true reward (10-step moving averages), final proxy, KL to init, the step where the true
     reward fell 0.1 below its best, GR's mean correction ratio, and the last eval's sharpness and proxy accuracy."""
-    records = read(run)
+    records = load_metrics(run)
     rows = [r for r in records if r["step"] >= 0 and spec["true"] in r]
     true, proxy = moving_average([r[spec["true"]] for r in rows]), moving_average([r[spec["proxy"]] for r in rows])
     best = max(range(len(true)), key=true.__getitem__)
@@ -152,7 +144,7 @@ def plot(task: str, spec: dict, runs: dict[str, list[Path]], out: Path) -> list[
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for name, paths in runs.items():
         for k, path in enumerate(paths):
-            rows = [r for r in read(path) if r["step"] >= 0 and "kl_init" in r]
+            rows = [r for r in load_metrics(path) if r["step"] >= 0 and "kl_init" in r]
             ax.plot([r["kl_init"] for r in rows], moving_average([r[spec["true"]] for r in rows]), color=colors[name],
                     alpha=0.8, linewidth=1, label=name if k == 0 else None)
     ax.set(xlabel="KL to the initial policy", ylabel=f"true reward ({spec['true']})",
@@ -167,7 +159,7 @@ def plot(task: str, spec: dict, runs: dict[str, list[Path]], out: Path) -> list[
                               ("sharpness S of the proxy reward", "proxy BT accuracy on policy pairs",
                                "GR correction / ‖g1‖")):
         for name, paths in runs.items():
-            series = [[(r["step"], r[key]) for r in read(p) if key in r] for p in paths]
+            series = [[(r["step"], r[key]) for r in load_metrics(p) if key in r] for p in paths]
             if series and series[0]:
                 steps = [s for s, _ in series[0]]
                 means = [statistics.mean(v for _, v in column) for column in zip(*series)]

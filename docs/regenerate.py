@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import grpo  # noqa: E402
+from eval import load_metrics  # noqa: E402
 
 README = ROOT / "README.md"
 OUT = ROOT / "runs" / "readme"
@@ -75,10 +76,6 @@ def header(commands: list[str], seconds: float) -> str:
             f"{machine()}, {time.strftime('%Y-%m-%d')}; {seconds / 60:.0f} min.*\n")
 
 
-def records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 # ----------------------------------------------------------------------------- the tables
 
 def table_main() -> str:
@@ -86,7 +83,7 @@ def table_main() -> str:
     shutil.rmtree(out, ignore_errors=True)
     cmd = ["python", "train_math.py", "--preset", "toy", "--out-dir", str(out.relative_to(ROOT))]
     seconds = run([sys.executable, *cmd[1:]], OUT / "main.log")
-    rows = records(out / "metrics.jsonl")
+    rows = load_metrics(out / "metrics.jsonl")
     init, steps = rows[0], [r for r in rows if r["step"] >= 0]
     evals = [r for r in rows if "eval/pass@1_greedy" in r]
     lines = ["| step | pass@1 greedy | pass@1 sampled (T 0.7) | train reward (of 5) |", "| --- | --- | --- | --- |"]
@@ -123,10 +120,10 @@ def table_tldr() -> str:
     cols = ("eval/proxy", "eval/gold", "eval/win_rate", "eval/kl", "eval/sharpness", "eval/bt_accuracy")
     lines = ["| policy | eval proxy | eval gold | win rate vs reference | KL to SFT | sharpness | proxy BT accuracy |",
              "| --- " * 7 + "|"]
-    sft = records(out / "rl-gr" / "metrics.jsonl")[0]
+    sft = load_metrics(out / "rl-gr" / "metrics.jsonl")[0]
     lines.append("| SFT policy | " + " | ".join(f"{sft[c]:.2f}" for c in cols) + " |")
     for reg, flags in TLDR_RUNS.items():
-        last = records(out / f"rl-{reg}" / "metrics.jsonl")[-1]
+        last = load_metrics(out / f"rl-{reg}" / "metrics.jsonl")[-1]
         lines.append(f"| {' '.join([reg, *flags])} | " + " | ".join(f"{last[c]:.2f}" for c in cols) + " |")
     return header(commands, seconds) + f"\nProxy RM: held-out pair accuracy {rm['heldout_accuracy']:.3f} on " \
         f"{rm['heldout_pairs']} pairs ({rm['train_pairs']:,} train pairs). End of RL (step 150), greedy eval on 256 " \

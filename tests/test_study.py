@@ -20,7 +20,7 @@ def test_study_smoke(small_judge_toy, tmp_path, monkeypatch):
     assert " ± " in rows["none"][2]  # mean ± sd over the seeds
     assert rows["none"][6] == "—" and rows["gr-g0.01"][6] != "—"  # GR's correction ratio: GR runs only
     for seed in (0, 1):
-        records = study.read(tmp_path / "judge" / f"gr-g0.01-s{seed}")
+        records = study.load_metrics(tmp_path / "judge" / f"gr-g0.01-s{seed}")
         assert "gr/correction_ratio" in records[1] and "eval/sharpness" in records[-1]
     for png in ("true_vs_kl.png", "diagnostics.png"):
         assert (tmp_path / "judge" / png).read_bytes()[:4] == b"\x89PNG"
