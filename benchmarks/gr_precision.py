@@ -48,8 +48,8 @@ Columns of each table (one table per model size and target ‖g1‖; `reference`
     s             wall seconds of this row (one gr_backward: two forward/backward passes)
 A summary at the end repeats cos (ratio) per mode as size × ‖g1‖ × ε grids.
 
-Measured on CPU (benchmarks/results/gr_precision_cpu.txt, tiny to the Qwen2.5-0.5B shape): for bf16 autocast what
-decides is the step ε·‖g1‖, not the model size. It keeps d (cos ≥ 0.99, ratio 1.00 ± 0.02) at ε·‖g1‖ ≈ 1e-2 at every
+Measured on CPU (the README's "Precision of the finite difference", tiny to the Qwen2.5-0.5B shape): for bf16
+autocast what decides is the step ε·‖g1‖, not the model size. It keeps d (cos ≥ 0.99, ratio 1.00 ± 0.02) at ε·‖g1‖ ≈ 1e-2 at every
 size, gives cos 0.64–0.86 with ‖d‖ 1.1–1.6× too long at 1e-3, and mostly noise (cos ≤ 0.22) at 1e-4. bf16-held
 weights lose more of d the larger the model: at ε·‖g1‖ ≈ 1e-2, cos 0.99 / ratio 0.97 at 40K params but cos 0.62–0.75
 / ratio 0.23 at 100M–0.5B. fp32 keeps cos ≥ 0.9998 against fp64 (tiny to 100m).
