@@ -126,7 +126,8 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def is_main() -> bool:
-    return rank_and_world()[0] == 0
+    """Rank 0; before the process group exists, torchrun's RANK says (so flag checks print once, not per rank)."""
+    return (dist.get_rank() if is_distributed() else int(os.environ.get("RANK", 0))) == 0
 
 
 def seed_everything(seed: int) -> None:

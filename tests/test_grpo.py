@@ -348,3 +348,11 @@ def test_update_dtype_auto_follows_the_precision_measurements(monkeypatch, capsy
     cfg = grpo.RLConfig(reg="gr", update_dtype="bfloat16", eps=1e-3)
     grpo.validate(cfg, check_model=False)
     assert cfg.update_dtype == "bfloat16" and "‖g1‖ ≳ 5 at ε = 0.001" in capsys.readouterr().out  # asked for: warned
+
+
+def test_flag_warnings_print_once_under_torchrun(monkeypatch, capsys):
+    """Flags are checked before the process group exists: only torchrun's RANK 0 prints the warning."""
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        grpo.validate(grpo.RLConfig(reg="gr", update_dtype="bfloat16"), check_model=False)
+        assert ("warning: --update-dtype bfloat16" in capsys.readouterr().out) == printed, rank
