@@ -552,3 +552,4 @@ if __name__ == "__main__":
         plot_main(sys.argv[2:])
     else:
         evaluate(grpo.parse_config(EvalConfig))
+        grpo.finish_distributed()

@@ -97,9 +97,18 @@ def init_distributed() -> tuple[int, int, torch.device]:
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
         # a group left alive at exit can abort the interpreter's teardown ("terminate called without an active
-        # exception") and turn a finished run into a failed one
+        # exception") and turn a finished run into a failed one; a finished run calls `finish_distributed` itself
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return *rank_and_world(), device
+
+
+def finish_distributed() -> None:
+    """The end of a run: the ranks wait for each other, then the group is destroyed. Rank 0 does work of its own after
+    the last collective (summary, plots); without the barrier the other ranks tear their connections down meanwhile.
+    (After an exception the atexit handler destroys the group without a barrier: a barrier could wait forever.)"""
+    if is_distributed():
+        barrier()
+        dist.destroy_process_group()
 
 
 def keep_freed_memory() -> bool:

@@ -117,3 +117,4 @@ def main(cfg: Config):
 
 if __name__ == "__main__":
     main(grpo.parse_config(Config, presets=PRESETS))
+    grpo.finish_distributed()

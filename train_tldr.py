@@ -395,3 +395,4 @@ def main(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     main(grpo.parse_config(Config, presets=PRESETS))
+    grpo.finish_distributed()

@@ -55,7 +55,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
@@ -456,8 +455,7 @@ def main(argv=None):
     sizes = [cfg.model] if cfg.model else [s for s in cfg.sizes.split(",") if s]
     results = [bench(cfg, s, rank, world, device) for s in sizes]
     summary(results)
-    if grpo.is_distributed():
-        dist.destroy_process_group()
+    grpo.finish_distributed()
     return results
 
 
