@@ -17,6 +17,8 @@ Precision note: ε·g1 is tiny (ε = 1e-3, ‖g1‖ ≤ 10 spread over all weigh
 in fp32; if the forward runs in bf16 most of the perturbation is rounded away.
 """
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -40,9 +42,20 @@ def block_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for block in transformer_blocks(model) for p in block.parameters() if p.requires_grad]
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of an FSDP2 DTensor (a view: in-place ops reach the parameter)."""
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor (a view: in-place ops reach the parameter); `t` itself otherwise."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+@contextlib.contextmanager
+def restored(tensors: list[torch.Tensor]):
+    """Whatever the block does to `tensors` in place is undone on exit, bit-exactly (from a saved copy, not by
+    subtracting), also when it raises."""
+    saved = [t.clone() for t in tensors]
+    try:
+        yield
+    finally:
+        torch._foreach_copy_(tensors, saved)
 
 
 def _global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -56,7 +69,7 @@ def _global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 def clip_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Scale `grads` in place to global L2 norm ≤ max_norm (over all ranks); return the pre-clip norm."""
     norm = _global_norm(grads)
-    torch._foreach_mul_([_local(g) for g in grads], torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    torch._foreach_mul_([local_shard(g) for g in grads], torch.clamp(max_norm / (norm + 1e-6), max=1.0))
     return norm
 
 
@@ -82,26 +95,20 @@ def gr_backward(model: nn.Module, closure, *, gamma: float, eps: float,
     g1 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     g1_norm = clip_(g1, g1_clip)
 
-    # φ' = φ + ε·g1 on the block parameters; keep an exact copy of φ to restore from
-    phi = [_local(p.detach()) for p, b in zip(params, is_block) if b]
-    phi_saved = [t.clone() for t in phi]
-    g1_block = [_local(g) for g, b in zip(g1, is_block) if b]
-    torch._foreach_add_(phi, g1_block, alpha=eps)
-
-    # g2 = ∇L(φ') on the same actions; then restore φ bit-exactly, whatever happens in the second pass
-    try:
+    # g2 = ∇L(φ + ε·g1) on the same actions, the block parameters perturbed; φ restored bit-exactly afterwards
+    phi = [local_shard(p.detach()) for p, b in zip(params, is_block) if b]
+    g1_block = [local_shard(g) for g, b in zip(g1, is_block) if b]
+    with restored(phi):
+        torch._foreach_add_(phi, g1_block, alpha=eps)
         for p in params:
             p.grad = None
         closure()
         g2 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    finally:
-        torch._foreach_copy_(phi, phi_saved)
-        del phi_saved
 
     # grad = g1 + (γ/ε)(clip(g2) − g1) = lerp(g1, clip(g2), γ/ε) on the blocks, g1 elsewhere, built in g1's
     # buffers. clip(g2) uses the norm of all of g2, but only its block part is needed, so only that is scaled.
     g2_norm = _global_norm(g2)
-    g2_block = [_local(g) for g, b in zip(g2, is_block) if b]
+    g2_block = [local_shard(g) for g, b in zip(g2, is_block) if b]
     torch._foreach_mul_(g2_block, torch.clamp(g2_clip / (g2_norm + 1e-6), max=1.0))
     # GR's own size, ‖(γ/ε)(clip(g2) − g1)‖ on the blocks (one tensor-sized temporary at a time)
     correction = (gamma / eps) * _global_norm([torch.linalg.vector_norm(a - b) for a, b, blk in zip(g2, g1, is_block)

@@ -58,7 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
-from gr import _local, block_parameters  # noqa: E402
+from gr import block_parameters, local_shard  # noqa: E402
 
 SIZES = {  # Qwen2Config kwargs (untied head unless the size says otherwise); benchmarks/gr_precision.py uses them too
     "tiny": dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -386,8 +386,8 @@ def bench(cfg: Config, size: str, rank: int, world: int, device) -> dict:
                     if cfg.bandwidth_gbs else 0.0,
            "mem": {u: b for u, (b, _) in mem.items()}, "mem_exact": all(exact for _, exact in mem.values()),
            # GR's budget on this rank: one fp32 copy of the gradients + one copy of the perturbed block parameters
-           "budget": {"grads_fp32": sum(held_bytes(_local(p.detach()).numel() * 4, device) for p in trainable),
-                      "block_params": sum(held_bytes(_local(p.detach()).numel() * p.element_size(), device)
+           "budget": {"grads_fp32": sum(held_bytes(local_shard(p.detach()).numel() * 4, device) for p in trainable),
+                      "block_params": sum(held_bytes(local_shard(p.detach()).numel() * p.element_size(), device)
                                           for p in block_parameters(model))}}
     report(res)
     return res
