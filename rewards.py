@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 
+from generation import position_ids
+
 # Qwen2.5-Instruct's default system prompt: the paper keeps the model's default system instructions (App. C.4).
 QWEN_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
@@ -430,8 +432,7 @@ def rm_last_token_scores(rm, input_ids: torch.Tensor, attention_mask: torch.Tens
     captured = {}
     handle = rm.score.register_forward_hook(lambda module, args, out: captured.__setitem__("scores", out))
     try:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        rm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        rm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
     finally:
         handle.remove()
     token_scores = captured["scores"].squeeze(-1)  # (B, T)

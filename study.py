@@ -30,8 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpo
-from eval import load_metrics, moving_average
+import loading
+from plots import moving_average
+from rundir import load_metrics
 
 ROOT = Path(__file__).resolve().parent
 TASKS = {
@@ -179,7 +180,7 @@ def main(cfg: StudyConfig) -> str:
     tasks = [t for t in cfg.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        grpo.fail(f"--tasks: unknown {unknown}; choose from {list(TASKS)}")
+        loading.fail(f"--tasks: unknown {unknown}; choose from {list(TASKS)}")
     regimes, seeds = (QUICK, 1) if cfg.quick else (REGIMES, cfg.seeds)
     report = [f"# Reward-hacking study ({'--quick' if cfg.quick else f'{seeds} seeds'})\n"]
     t0 = time.time()
@@ -205,4 +206,4 @@ def main(cfg: StudyConfig) -> str:
 
 
 if __name__ == "__main__":
-    main(grpo.parse_config(StudyConfig))
+    main(loading.parse_config(StudyConfig))

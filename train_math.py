@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+import distributed
 import eval as evaluation
 import grpo
+import loading
 import toy
 from rewards import GSM8K_REWARD_KEYS, QWEN_SYSTEM_PROMPT, gsm8k_gold, gsm8k_rewards, math_rewards_batch
 
@@ -63,8 +65,8 @@ def resolve_task_defaults(cfg: Config) -> Config:
 def load_task(cfg: Config):
     """Train rows (with the parsed gold answer) and test rows; MATH rows with an unparsable gold are dropped."""
     dataset, config, fields = evaluation.TASKS[cfg.task]
-    train = grpo.load_rows(cfg.dataset or dataset, "train", fields, config)
-    test = grpo.load_rows(cfg.test_dataset or cfg.dataset or dataset, "test", fields, config)
+    train = loading.load_rows(cfg.dataset or dataset, "train", fields, config)
+    test = loading.load_rows(cfg.test_dataset or cfg.dataset or dataset, "test", fields, config)
     if cfg.task == "gsm8k":
         for r in train:
             r["gold"] = gsm8k_gold(r["answer"])
@@ -102,16 +104,11 @@ def main(cfg: Config):
             per_term["grader_failure_rate"] = torch.tensor([t["grader_failure"] for t in terms])
         return sum(per_term[k] for k in keys), per_term
 
-    def evaluate(model, tokenizer, step):
-        common = dict(system_prompt=system, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
-        greedy = evaluation.pass_at_1(model, tokenizer, cfg.task, test, **common)
-        sampled = evaluation.pass_at_1(model, tokenizer, cfg.task, test, temperature=cfg.temperature, seed=cfg.seed,
-                                       **common)
-        return {"pass@1_greedy": evaluation.mean(greedy), "pass@1_sampled": evaluation.mean(sampled)}
-
+    evaluate = evaluation.pass_at_1_evaluator(cfg.task, test, system_prompt=system, max_new_tokens=cfg.max_new_tokens,
+                                              batch_size=cfg.gen_batch_size, temperature=cfg.temperature, seed=cfg.seed)
     return grpo.rl_train(cfg, train, make_prompt, score, evaluate)
 
 
 if __name__ == "__main__":
-    main(grpo.parse_config(Config, presets=PRESETS))
-    grpo.finish_distributed()
+    main(loading.parse_config(Config, presets=PRESETS))
+    distributed.finish_distributed()

@@ -14,7 +14,10 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import distributed  # noqa: E402
+import generation  # noqa: E402
 import grpo  # noqa: E402
+import rundir  # noqa: E402
 from tiny import VOCAB, rollout_batch, tiny_model  # noqa: E402
 
 N_GLOBAL, T, MICRO = 8, 7, 2
@@ -23,9 +26,9 @@ RESUME_AT = 4  # after the reset: the resumed run must use the checkpoint's refe
 
 
 def run(model, ref, opt, steps: range, dtype) -> list[dict]:
-    rank, world = grpo.rank_and_world()
+    rank, world = distributed.rank_and_world()
     share = slice(rank * N_GLOBAL // world, (rank + 1) * N_GLOBAL // world)
-    device = grpo.rank_device()
+    device = distributed.rank_device()
     metrics = []
     for step in steps:
         reg, reset_now = PLAN[step]
@@ -42,49 +45,49 @@ def run(model, ref, opt, steps: range, dtype) -> list[dict]:
 
 
 def fresh(tie: bool, dtype):
-    model, ref = (grpo.shard(tiny_model(seed=0, tie=tie, dtype=dtype).to(grpo.rank_device())) for _ in range(2))
+    model, ref = (distributed.shard(tiny_model(seed=0, tie=tie, dtype=dtype).to(distributed.rank_device())) for _ in range(2))
     return model, ref, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
 def main(out: Path, dtype: torch.dtype):
-    rank, world, device = grpo.init_distributed()
+    rank, world, device = distributed.init_distributed()
     result = {}
     for tie in (False, True):
         model, ref, opt = fresh(tie, dtype)
         metrics = run(model, ref, opt, range(len(PLAN)), dtype)
-        result["tied" if tie else "untied"] = {"params": grpo.full_state_dict(model), "metrics": metrics}
+        result["tied" if tie else "untied"] = {"params": distributed.full_state_dict(model), "metrics": metrics}
         if not tie:
             untied, untied_opt = model, opt
 
     # interrupted after RESUME_AT steps; the checkpoint alone (weights, reference/, optimizer state) continues
     model, ref, opt = fresh(False, dtype)
     run(model, ref, opt, range(RESUME_AT), dtype)
-    ckpt = grpo.save_checkpoint(out / "resume", RESUME_AT, model, opt, _tokenizer(), ref)
+    ckpt = rundir.save_checkpoint(out / "resume", RESUME_AT, model, opt, _tokenizer(), ref)
     del model, ref, opt
-    load = lambda path: grpo.shard(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device))  # noqa: E731
+    load = lambda path: distributed.shard(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device))  # noqa: E731
     model, ref = load(ckpt), load(ckpt / "reference")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    start = grpo.load_trainer_state(ckpt, model, opt)
+    start = rundir.load_trainer_state(ckpt, model, opt)
     resumed = run(model, ref, opt, range(start, len(PLAN)), dtype)
-    result["resumed"] = {"start": start, "params": grpo.full_state_dict(model), "metrics": resumed}
+    result["resumed"] = {"start": start, "params": distributed.full_state_dict(model), "metrics": resumed}
 
     # generation: rank 0 stops at once (every token is EOS), the others run to the length limit
     share = slice(rank * N_GLOBAL // world, (rank + 1) * N_GLOBAL // world)
     prompts = rollout_batch(n=N_GLOBAL, completion_len=1, group=4, seed=99)
     ids, mask = prompts["input_ids"][share, :5].to(device), prompts["attention_mask"][share, :5].to(device)
-    uneven, _ = grpo.generate(untied, ids, mask, max_new_tokens=12, pad_token_id=0, temperature=0,
+    uneven, _ = generation.generate(untied, ids, mask, max_new_tokens=12, pad_token_id=0, temperature=0,
                               eos_token_ids=range(VOCAB) if rank == 0 else [VOCAB + 1])
-    greedy, _ = grpo.generate(untied, ids, mask, max_new_tokens=6, pad_token_id=0, temperature=0, eos_token_ids=[3])
-    greedy = grpo.all_gather_rows(greedy, list(range(share.start, share.stop)), N_GLOBAL).long()
+    greedy, _ = generation.generate(untied, ids, mask, max_new_tokens=6, pad_token_id=0, temperature=0, eos_token_ids=[3])
+    greedy = distributed.all_gather_rows(greedy, list(range(share.start, share.stop)), N_GLOBAL).long()
     # rollouts from an unsharded replica of the sharded policy: each rank decodes on its own, no collectives
-    replica = grpo.rollout_model(untied, dtype)
-    full = grpo.full_state_dict(untied)  # on rank 0
+    replica = generation.rollout_model(untied, dtype)
+    full = distributed.full_state_dict(untied)  # on rank 0
     replica_exact = rank != 0 or all(torch.equal(v.cpu(), full[k]) for k, v in replica.named_parameters())
-    no_eos, _ = grpo.generate(replica, ids, mask, max_new_tokens=6, pad_token_id=0, temperature=0,
+    no_eos, _ = generation.generate(replica, ids, mask, max_new_tokens=6, pad_token_id=0, temperature=0,
                               eos_token_ids=[VOCAB + 1])
-    no_eos = grpo.all_gather_rows(no_eos, list(range(share.start, share.stop)), N_GLOBAL).long()
+    no_eos = distributed.all_gather_rows(no_eos, list(range(share.start, share.stop)), N_GLOBAL).long()
     result["replica"] = {"copy": replica is not untied, "exact": replica_exact, "greedy": no_eos}
-    ckpt = grpo.save_checkpoint(out / "ckpt", len(PLAN), untied, untied_opt, _tokenizer())
+    ckpt = rundir.save_checkpoint(out / "ckpt", len(PLAN), untied, untied_opt, _tokenizer())
     if rank == 0:
         torch.save({**result, "uneven_len": uneven.shape[1], "greedy": greedy, "ckpt": str(ckpt)}, out / "result.pt")
     if world > 1:

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
+import generation
 import grpo
+import rundir
 from tiny import VOCAB, rollout_batch, tiny_model
 
 
@@ -97,10 +99,10 @@ def test_greedy_generation_matches_naive_loop(arch):
     batch = rollout_batch(n=4, prompt_len=5, completion_len=1, group=2)
     prompt_ids, prompt_mask = batch["input_ids"][:, :5], batch["attention_mask"][:, :5]
     # make the token greedy decoding emits third for row 0 the EOS, so rows stop at different lengths
-    completion, mask = grpo.generate(model, prompt_ids, prompt_mask, max_new_tokens=8, eos_token_ids=[VOCAB - 1],
+    completion, mask = generation.generate(model, prompt_ids, prompt_mask, max_new_tokens=8, eos_token_ids=[VOCAB - 1],
                                      pad_token_id=0, temperature=0)
     eos = completion[0, 2].item()
-    completion, mask = grpo.generate(model, prompt_ids, prompt_mask, max_new_tokens=8, eos_token_ids=[eos],
+    completion, mask = generation.generate(model, prompt_ids, prompt_mask, max_new_tokens=8, eos_token_ids=[eos],
                                      pad_token_id=0, temperature=0)
     for i in range(4):
         ref = naive_greedy(model, prompt_ids[i][prompt_mask[i].bool()], 8, eos)
@@ -113,21 +115,21 @@ def test_greedy_generation_matches_naive_loop(arch):
 def test_completion_mask_and_has_eos():
     completion = torch.tensor([[5, 9, 3, 9, 4], [5, 6, 7, 8, 4], [9, 0, 0, 0, 0]])
     eos = torch.tensor([9])
-    assert grpo.completion_mask(completion, eos).tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
-    assert grpo.has_eos(completion, [9]).tolist() == [True, False, True]
+    assert generation.completion_mask(completion, eos).tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert generation.has_eos(completion, [9]).tolist() == [True, False, True]
 
 
 def test_sampling_filters():
     logits = torch.tensor([[4.0, 3.0, 0.0, -1.0]]).repeat(2000, 1)
     gen = torch.Generator().manual_seed(0)
-    top1 = grpo.sample_token(logits, 1.0, top_k=1, generator=gen)
+    top1 = generation.sample_token(logits, 1.0, top_k=1, generator=gen)
     assert (top1 == 0).all()
-    top2 = grpo.sample_token(logits, 1.0, top_k=2, generator=gen)
+    top2 = generation.sample_token(logits, 1.0, top_k=2, generator=gen)
     assert set(top2.tolist()) == {0, 1}
     # softmax([4,3,0,-1]) = [.72,.26,.013,.005]: top_p 0.5 keeps token 0 only, 0.9 keeps 0 and 1
-    assert (grpo.sample_token(logits, 1.0, top_p=0.5, generator=gen) == 0).all()
-    assert set(grpo.sample_token(logits, 1.0, top_p=0.9, generator=gen).tolist()) == {0, 1}
-    freq = (grpo.sample_token(logits, 1.0, generator=gen) == 0).float().mean()
+    assert (generation.sample_token(logits, 1.0, top_p=0.5, generator=gen) == 0).all()
+    assert set(generation.sample_token(logits, 1.0, top_p=0.9, generator=gen).tolist()) == {0, 1}
+    freq = (generation.sample_token(logits, 1.0, generator=gen) == 0).float().mean()
     assert abs(freq - 0.72) < 0.05
 
 
@@ -223,13 +225,13 @@ def test_checkpoint_roundtrip(tmp_path):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     grpo.train_step(model, opt, rollout_batch(), reg="none", temperature=1.0, normalizer=42, micro_batch_size=6)
     for step in (3, 5):
-        ckpt = grpo.save_checkpoint(tmp_path, step, model, opt, tok)
+        ckpt = rundir.save_checkpoint(tmp_path, step, model, opt, tok)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt-000005"]  # older removed, no temp dir left
-    assert grpo.latest_checkpoint(tmp_path) == ckpt
+    assert rundir.latest_checkpoint(tmp_path) == ckpt
     loaded = AutoModelForCausalLM.from_pretrained(ckpt)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     opt2 = torch.optim.Adam(loaded.parameters(), lr=1e-3)
-    assert grpo.load_trainer_state(ckpt, loaded, opt2) == 5
+    assert rundir.load_trainer_state(ckpt, loaded, opt2) == 5
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
 
@@ -243,7 +245,7 @@ def test_greedy_generation_matches_hf_generate(arch, tie):
     batch = rollout_batch(n=6, prompt_len=7, completion_len=1, group=3)
     ids, mask = batch["input_ids"][:, :7], batch["attention_mask"][:, :7]
     assert len(set(mask.sum(1).tolist())) == 3  # three prompt lengths
-    ours, ours_mask = grpo.generate(model, ids, mask, max_new_tokens=12, eos_token_ids=[VOCAB + 1], pad_token_id=0,
+    ours, ours_mask = generation.generate(model, ids, mask, max_new_tokens=12, eos_token_ids=[VOCAB + 1], pad_token_id=0,
                                     temperature=0)
     hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12, min_new_tokens=12,
                         eos_token_id=None, pad_token_id=0)
@@ -257,7 +259,7 @@ def test_sampled_token_frequencies_match_softmax_at_temperature():
     n, T = 40_000, 0.7
     p = torch.softmax(logits[0].double() / T, -1)
     se = (p * (1 - p) / n).sqrt()
-    draws = grpo.sample_token(logits.repeat(n, 1), T, generator=torch.Generator().manual_seed(0))
+    draws = generation.sample_token(logits.repeat(n, 1), T, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=6).double() / n
     assert ((freq - p).abs() <= 5 * se).all(), (freq, p)
     assert ((freq - torch.softmax(logits[0].double(), -1)).abs() > 5 * se).any()
@@ -271,7 +273,7 @@ def test_generate_samples_the_first_token_from_softmax_at_temperature():
         model.lm_head.weight.mul_(0.5)  # every token likely enough to count, yet T = 0.7 and T = 1 far apart
     prompt = torch.tensor([[5, 9, 11, 3]])
     n, T = 20_000, 0.7
-    completion, _ = grpo.generate(model, prompt.repeat(n, 1), torch.ones(n, 4, dtype=torch.long), max_new_tokens=1,
+    completion, _ = generation.generate(model, prompt.repeat(n, 1), torch.ones(n, 4, dtype=torch.long), max_new_tokens=1,
                                   eos_token_ids=[VOCAB + 1], pad_token_id=0, temperature=T,
                                   generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -290,29 +292,29 @@ def test_top_k_and_top_p_keep_what_hf_keeps():
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
     ties = torch.tensor([[3.0, 2.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0, 0.0]])
     for k in (1, 2, 3):
-        ours = grpo.filter_logits(ties, top_k=k).isfinite()
+        ours = generation.filter_logits(ties, top_k=k).isfinite()
         assert torch.equal(ours, TopKLogitsWarper(k)(None, ties.clone()).isfinite()), k
-    assert grpo.filter_logits(ties, top_k=2).isfinite()[0].tolist() == [True, True, True, False, False]
+    assert generation.filter_logits(ties, top_k=2).isfinite()[0].tolist() == [True, True, True, False, False]
     exact = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))  # dyadic: the masses before each token are exact
     for top_p, kept in ((0.5, 1), (0.75, 2), (0.875, 3)):  # mass before a token ≥ top_p: dropped
-        ours, hf = grpo.filter_logits(exact, top_p=top_p).isfinite(), TopPLogitsWarper(top_p)(None, exact.clone())
+        ours, hf = generation.filter_logits(exact, top_p=top_p).isfinite(), TopPLogitsWarper(top_p)(None, exact.clone())
         assert ours.sum() == hf.isfinite().sum() == kept, top_p  # at 0.875 either tied 0.125 may stay
     logits = torch.randn(200, 50, generator=torch.Generator().manual_seed(0)) * 2
     for top_p in (0.05, 0.3, 0.5, 0.9, 0.99):
-        ours = grpo.filter_logits(logits, top_p=top_p).isfinite()
+        ours = generation.filter_logits(logits, top_p=top_p).isfinite()
         assert torch.equal(ours, TopPLogitsWarper(top_p)(None, logits.clone()).isfinite()), top_p
 
 
 def test_replica_equals_policy_after_a_step():
     """The bf16 rollout replica holds the policy's weights rounded to bf16, before and after an optimizer step."""
     policy = tiny_model()
-    replica = grpo.rollout_model(policy, torch.bfloat16)
+    replica = generation.rollout_model(policy, torch.bfloat16)
     assert replica is not policy and {p.dtype for p in replica.parameters()} == {torch.bfloat16}
-    assert grpo.rollout_model(policy, torch.float32) is policy  # one process, same dtype: no copy
+    assert generation.rollout_model(policy, torch.float32) is policy  # one process, same dtype: no copy
     opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
     before = [p.detach().clone() for p in replica.parameters()]
     grpo.train_step(policy, opt, rollout_batch(), reg="none", temperature=1.0, normalizer=42, micro_batch_size=6)
-    grpo.refresh_rollout_model(replica, policy)
+    generation.refresh_rollout_model(replica, policy)
     for r, p, b in zip(replica.parameters(), policy.parameters(), before):
         assert torch.equal(r, p.detach().to(torch.bfloat16))
         assert not torch.equal(r, b) or p.dim() == 1  # it moved (norm weights barely do)
@@ -327,7 +329,7 @@ def test_decode_step_traces_as_one_graph(arch):
     mask = torch.ones(3, 8, dtype=torch.long)
     positions = (mask.cumsum(-1) - 1)
     cache = StaticCache(config=model.config, max_cache_len=8)
-    step = torch.compile(grpo.decode_step, backend="eager", fullgraph=True, dynamic=False)
+    step = torch.compile(generation.decode_step, backend="eager", fullgraph=True, dynamic=False)
     with torch.no_grad():
         model(input_ids=torch.tensor([[4, 5, 6]] * 3), attention_mask=mask, position_ids=positions[:, :3], cache=cache,
               use_cache=True)

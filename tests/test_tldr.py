@@ -13,7 +13,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import eval as evaluation
+import generation
 import grpo
+import loading
+import rundir
+import supervised
 import toy
 import train_tldr
 from rewards import bradley_terry_loss, rm_last_token_scores
@@ -33,7 +37,7 @@ def toy_args(small_tldr, out, *extra):
 
 
 def run(small_tldr, out, *extra):
-    return train_tldr.main(grpo.parse_config(train_tldr.Config, toy_args(small_tldr, out, *extra), train_tldr.PRESETS))
+    return train_tldr.main(loading.parse_config(train_tldr.Config, toy_args(small_tldr, out, *extra), train_tldr.PRESETS))
 
 
 def read_metrics(run_dir, with_initial_eval=False):
@@ -49,7 +53,7 @@ def run_cli(args):
 def naive_heldout_pairs(rm_dir) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores (chosen, rejected) of the saved RM on its held-out pairs, each sequence alone (prompt + completion +
     EOS, no padding): the scalar head's output at the last token."""
-    tokenizer = grpo.load_tokenizer(str(rm_dir))
+    tokenizer = loading.load_tokenizer(str(rm_dir))
     rm = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
     pairs = [json.loads(line) for line in (Path(rm_dir) / "pairs.jsonl").read_text().splitlines()]
     pairs = [p for p in pairs if p["split"] == "heldout"]
@@ -71,9 +75,9 @@ def pair_accuracy(chosen, rejected) -> float:
 def naive_win_rate(policy_dir, rows, max_new_tokens) -> tuple[float, float]:
     """(win rate vs the references, mean gold) of greedy completions (`greedy_continuation`), both by the toy gold
     reward, which also charges a completion without EOS; ties count 1/2."""
-    tokenizer = grpo.load_tokenizer(str(policy_dir))
+    tokenizer = loading.load_tokenizer(str(policy_dir))
     model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
-    eos = grpo.eos_token_ids(tokenizer, model)
+    eos = loading.eos_token_ids(tokenizer, model)
     golds = []
     for row in rows:
         prompt = tokenizer(train_tldr.render(tokenizer, row), add_special_tokens=False)["input_ids"]
@@ -159,10 +163,10 @@ def test_rl_stage_logs_proxy_gold_and_rlhf_metrics(chain, small_tldr):
     assert result["results"]["rl"]["win_rate"] == evals[-1]["eval/win_rate"]
     # the last eval is of the final policy: greedy completions of the first 16 test prompts, judged by the toy gold
     eval_rows = train_tldr.short_enough(evaluation.load_tldr_rows(str(small_tldr[1]), "test"),
-                                        grpo.load_tokenizer(str(out / "sft")), 64, "eval")[:16]
-    win, gold = naive_win_rate(grpo.latest_checkpoint(out / "rl-none"), eval_rows, 16)
+                                        loading.load_tokenizer(str(out / "sft")), 64, "eval")[:16]
+    win, gold = naive_win_rate(rundir.latest_checkpoint(out / "rl-none"), eval_rows, 16)
     assert (evals[-1]["eval/win_rate"], evals[-1]["eval/gold"]) == pytest.approx((win, gold))
-    assert grpo.latest_checkpoint(out / "rl-none").name == "ckpt-000003"
+    assert rundir.latest_checkpoint(out / "rl-none").name == "ckpt-000003"
     assert (out / "rl-none" / "curves.png").stat().st_size > 0
 
 
@@ -185,10 +189,10 @@ def test_resume_skips_finished_stages(chain, small_tldr):
 
 def test_beta_default_depends_on_reg(small_tldr, tmp_path):
     for reg, beta in (("kl", 0.05), ("reset", 0.3), ("none", 0.05)):
-        cfg = grpo.parse_config(train_tldr.Config, toy_args(small_tldr, tmp_path, "--reg", reg), train_tldr.PRESETS)
+        cfg = loading.parse_config(train_tldr.Config, toy_args(small_tldr, tmp_path, "--reg", reg), train_tldr.PRESETS)
         grpo.validate(cfg, check_model=False)
         assert cfg.beta == beta
-    cfg = grpo.parse_config(train_tldr.Config, toy_args(small_tldr, tmp_path, "--reg", "reset", "--beta", "0.2"),
+    cfg = loading.parse_config(train_tldr.Config, toy_args(small_tldr, tmp_path, "--reg", "reset", "--beta", "0.2"),
                             train_tldr.PRESETS)
     grpo.validate(cfg, check_model=False)
     assert cfg.beta == 0.2
@@ -207,21 +211,21 @@ def test_torchrun_two_processes_whole_chain(small_tldr, chain, tmp_path):
     assert summary["heldout_accuracy"] == pytest.approx(pair_accuracy(*naive_heldout_pairs(tmp_path / "rm")))
     rows = read_metrics(tmp_path / "rl-reset")
     assert [r["step"] for r in rows] == [0, 1, 2] and "eval/bt_loss" in rows[-1] and "kl" in rows[0]
-    assert (grpo.latest_checkpoint(tmp_path / "rl-reset") / "reference" / "model.safetensors").exists()
+    assert (rundir.latest_checkpoint(tmp_path / "rl-reset") / "reference" / "model.safetensors").exists()
 
 
 def test_eval_cli_on_checkpoint_and_plot(chain, small_tldr, tmp_path):
     out, _ = chain
     _, test, _ = small_tldr
     summary = evaluation.evaluate(evaluation.EvalConfig(
-        checkpoint=str(grpo.latest_checkpoint(out / "rl-none")), task="tldr", dataset=str(test), limit=12,
+        checkpoint=str(rundir.latest_checkpoint(out / "rl-none")), task="tldr", dataset=str(test), limit=12,
         gold_rm="toy", proxy_rm=str(out / "rm"), reference_model=str(out / "sft"), max_new_tokens=16,
         batch_size=32, sharpness_perturbations=2, dtype="float32", out=str(tmp_path / "eval.json")))
     assert json.loads((tmp_path / "eval.json").read_text()) == summary
     assert summary["n"] == 12 and summary["grad_norm"] > 0
     assert {"bt_loss", "bt_accuracy", "kl", "sharpness", "gold", "proxy"} <= summary.keys()
     rows = evaluation.load_tldr_rows(str(test), "test")[:12]
-    win, gold = naive_win_rate(grpo.latest_checkpoint(out / "rl-none"), rows, 16)
+    win, gold = naive_win_rate(rundir.latest_checkpoint(out / "rl-none"), rows, 16)
     assert (summary["win_rate"], summary["gold"]) == pytest.approx((win, gold))
     png = tmp_path / "fig.png"
     proc = run_cli([sys.executable, "eval.py", "plot", str(out / "rl-none"), str(out / "rl-none" / "metrics.jsonl"),
@@ -254,8 +258,8 @@ def test_bad_inputs_fail_fast_with_one_line(small_tldr, chain, tmp_path):
 
 
 def test_non_finite_sft_loss_stops_with_step_number(small_tldr, tmp_path, monkeypatch):
-    sft_loss = grpo.sft_loss
-    monkeypatch.setattr(grpo, "sft_loss", lambda *args: sft_loss(*args) * float("nan"))
+    sft_loss = supervised.sft_loss
+    monkeypatch.setattr(supervised, "sft_loss", lambda *args: sft_loss(*args) * float("nan"))
     with pytest.raises(FloatingPointError, match="sft step 0: non-finite loss"):
         run(small_tldr, tmp_path, "--stage", "sft")
     assert not (tmp_path / "sft").exists()
@@ -344,7 +348,7 @@ def test_sharpness_of_sampled_generation_is_zero_at_scale_zero_and_positive_othe
 
     def sample():  # 6 tokens per prompt, fixed sampling draws
         gen = torch.Generator().manual_seed(0)
-        return grpo.generate(model, ids, mask, max_new_tokens=6, eos_token_ids=[VOCAB + 1], pad_token_id=0,
+        return generation.generate(model, ids, mask, max_new_tokens=6, eos_token_ids=[VOCAB + 1], pad_token_id=0,
                              temperature=1.0, generator=gen)[0]
 
     target = sample()
@@ -382,7 +386,7 @@ def test_gold_rm_from_a_hf_dir_scores_conversations_as_its_model_card(small_tldr
     """A real gold RM (here a tiny random one) scores the chat-template conversation, read at its last token."""
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
     _, _, base = small_tldr
-    tokenizer = grpo.load_tokenizer(str(base))
+    tokenizer = loading.load_tokenizer(str(base))
     tokenizer.chat_template = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %}<|endoftext|>assistant:{% endif %}")
     torch.manual_seed(0)

@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM
 
 import eval as evaluation
 import grpo
+import loading
+import rundir
 import train_math
 from rewards import extract_xml_answer, render_chat
 from tiny import greedy_continuation
@@ -39,8 +41,8 @@ def rows_answered_by(policy, rows, max_new_tokens, path):
     """Writes `rows` to `path` with the gold answer set to the policy's own greedy answer (`greedy_continuation` of
     the GSM8K prompt without system prompt) on even rows and to one it never gives on odd rows; returns the greedy
     pass@1 an eval of `policy` must report on them."""
-    tokenizer, model = grpo.load_tokenizer(str(policy)), AutoModelForCausalLM.from_pretrained(policy).eval()
-    eos = grpo.eos_token_ids(tokenizer, model)
+    tokenizer, model = loading.load_tokenizer(str(policy)), AutoModelForCausalLM.from_pretrained(policy).eval()
+    eos = loading.eos_token_ids(tokenizer, model)
     answers = []
     for row in rows:
         prompt = tokenizer(render_chat(tokenizer, evaluation.prompt_messages("gsm8k", row, None)),
@@ -60,7 +62,7 @@ def run_cli(args, **kw):
 
 @pytest.mark.parametrize("reg", grpo.REGS)
 def test_smoke_each_reg(small_toy, tmp_path, reg):
-    cfg = grpo.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--reg", reg, "--log-kl-init"),
+    cfg = loading.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--reg", reg, "--log-kl-init"),
                             train_math.PRESETS)
     final = train_math.main(cfg)
     rows = read_metrics(tmp_path)
@@ -70,7 +72,7 @@ def test_smoke_each_reg(small_toy, tmp_path, reg):
                 "completion_length", "clipped_ratio", "time/generate"} <= r.keys()
         assert ("g2_norm" in r) == (reg == "gr") and ("kl" in r) == (reg in ("kl", "reset"))
     assert final == {k.removeprefix("eval/"): v for k, v in rows[-1].items() if k.startswith("eval/")}  # the last eval
-    ckpt = grpo.latest_checkpoint(tmp_path)
+    ckpt = rundir.latest_checkpoint(tmp_path)
     assert ckpt.name == "ckpt-000003" and (ckpt / "model.safetensors").exists()
     assert (ckpt / "reference" / "model.safetensors").exists() == (reg == "reset")
 
@@ -88,14 +90,14 @@ def test_torchrun_two_processes(small_toy, tmp_path):
     initial = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert initial["step"] == -1 and initial["eval/pass@1_greedy"] == expected > 0
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2]
-    assert grpo.latest_checkpoint(tmp_path).name == "ckpt-000003"
+    assert rundir.latest_checkpoint(tmp_path).name == "ckpt-000003"
 
 
 def test_eval_on_saved_checkpoint(small_toy, tmp_path):
-    cfg = grpo.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--steps", "1"), train_math.PRESETS)
+    cfg = loading.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--steps", "1"), train_math.PRESETS)
     train_math.main(cfg)
     _, test, _ = small_toy
-    ckpt = grpo.latest_checkpoint(tmp_path)
+    ckpt = rundir.latest_checkpoint(tmp_path)
     rows = [json.loads(line) for line in Path(test).read_text().splitlines()][:10]
     expected = rows_answered_by(ckpt, rows, 20, tmp_path / "test.jsonl")
     out = tmp_path / "eval.json"
@@ -110,11 +112,11 @@ def test_eval_on_saved_checkpoint(small_toy, tmp_path):
 def test_resume_reproduces_uninterrupted_run(small_toy, tmp_path, reg):
     common = ["--reg", reg, "--reset-every", "2", "--steps", "4"]  # reset: the step-2 checkpoint follows a reset
     full, killed = tmp_path / "full", tmp_path / "killed"
-    train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, full, *common), train_math.PRESETS))
+    train_math.main(loading.parse_config(train_math.Config, toy_args(small_toy, full, *common), train_math.PRESETS))
     # the "killed" run stops after its step-2 checkpoint, then resumes to the same end
-    train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, killed, *common, "--steps", "2"),
+    train_math.main(loading.parse_config(train_math.Config, toy_args(small_toy, killed, *common, "--steps", "2"),
                                       train_math.PRESETS))
-    train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, killed, *common, "--resume"),
+    train_math.main(loading.parse_config(train_math.Config, toy_args(small_toy, killed, *common, "--resume"),
                                       train_math.PRESETS))
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
     assert strip(read_metrics(killed)) == strip(read_metrics(full))
@@ -159,7 +161,7 @@ def test_math_task_and_quintiles(small_toy, tmp_path, monkeypatch):
 
     with monkeypatch.context() as mp:  # every grading times out: reward 0 and a counted failure, never a crash
         mp.setattr(math_verify.parser, "extract_target_from_pred", timing_out)
-        train_math.main(grpo.parse_config(train_math.Config, args))
+        train_math.main(loading.parse_config(train_math.Config, args))
     metrics = read_metrics(tmp_path / "run")
     assert {"rewards/correctness", "rewards/reasoning_steps", "rewards/true_reward"} <= metrics[0].keys()
     assert [(m["rewards/grader_failure_rate"], m["rewards/correctness"]) for m in metrics] == [(1.0, 0.0)] * 2
@@ -167,7 +169,7 @@ def test_math_task_and_quintiles(small_toy, tmp_path, monkeypatch):
     base = evaluation.evaluate(evaluation.EvalConfig(checkpoint=str(policy), out=str(tmp_path / "base.json"), **common))
     assert base["skipped_unparsable_gold"] == 1 and base["n"] == len(rows) - 1
     assert set(base["per_category"]) == {f"{t}|Level {k}" for t in ("Algebra", "Prealgebra") for k in range(1, 6)}
-    after = evaluation.evaluate(evaluation.EvalConfig(checkpoint=str(grpo.latest_checkpoint(tmp_path / "run")),
+    after = evaluation.evaluate(evaluation.EvalConfig(checkpoint=str(rundir.latest_checkpoint(tmp_path / "run")),
                                                       base_results=str(tmp_path / "base.json"), **common))
     assert set(after["quintiles"]) == set(evaluation.QUINTILES)
     assert sum(q["n"] for q in after["quintiles"].values()) == len(rows) - 1
@@ -212,7 +214,7 @@ def fake_wandb(calls: list):
 def test_tracker_gets_config_and_every_record_and_summary_adds_up(small_toy, tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb(calls))
-    train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--reg", "gr", "--report-to",
+    train_math.main(loading.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--reg", "gr", "--report-to",
                                                                   "wandb"), train_math.PRESETS))
     init, *logs, finish = calls
     assert init[0] == "init" and init[1]["config"]["reg"] == "gr" and init[1]["config"]["report_to"] == ("wandb",)
@@ -245,7 +247,7 @@ def test_non_finite_stop_still_writes_the_summary(small_toy, tmp_path, monkeypat
     score = train_math.gsm8k_rewards
     monkeypatch.setattr(train_math, "gsm8k_rewards", lambda c, g: {k: float("nan") for k in score(c, g)})
     with pytest.raises(FloatingPointError, match="step 0"):
-        train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, tmp_path), train_math.PRESETS))
+        train_math.main(loading.parse_config(train_math.Config, toy_args(small_toy, tmp_path), train_math.PRESETS))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stopped"].startswith("step 0: non-finite loss") and summary["steps_done"] == 0
 
@@ -254,6 +256,6 @@ def test_missing_tracker_package_fails_fast(small_toy, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb([]))  # installed
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # not installed
     with pytest.raises(SystemExit, match="^error: --report-to tensorboard needs the tensorboard package"):
-        train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--report-to", "wandb",
+        train_math.main(loading.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--report-to", "wandb",
                                                                       "--report-to", "tensorboard"), train_math.PRESETS))
     assert not (tmp_path / "metrics.jsonl").exists()
