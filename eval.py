@@ -109,7 +109,7 @@ def pass_at_1(model, tokenizer, task: str, rows: list[dict], *, system_prompt: s
     for k in range(samples):
         generator = distributed.step_generator(seed, k, rank, next(model.parameters()).device)
         batches = generation.rollouts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                batch_size=batch_size, generator=generator)
+                                      batch_size=batch_size, generator=generator)
         texts = [t for b in tqdm(batches, desc=f"eval {task} {k + 1}/{samples}", total=-(-len(prompts) // batch_size),
                                  disable=rank != 0, delay=2, leave=False) for t in b["texts"]]
         for j, g in enumerate(grade(task, [rows[i] for i in mine], texts)):
@@ -193,7 +193,7 @@ def make_gold(gold_rm: str, device, *, dtype=torch.float32, batch_size: int = 16
     tokenizer = loading.load_tokenizer(gold_rm, trust_remote_code)
     tokenizer.padding_side = "right"
     rm = loading.load_reward_model(gold_rm, device, pad_token_id=tokenizer.pad_token_id, dtype=dtype,
-                                trust_remote_code=trust_remote_code).requires_grad_(False)
+                                   trust_remote_code=trust_remote_code).requires_grad_(False)
 
     def gold(rows, completions, has_eos):
         convs = [tldr_messages(r) + [{"role": "assistant", "content": c}] for r, c in zip(rows, completions)]
@@ -298,7 +298,8 @@ def policy_samples(model, tokenizer, items: list[dict], messages, *, temperature
     rank, device = distributed.rank_and_world()[0], next(model.parameters()).device
     gen = None if temperature == 0 else distributed.step_generator(seed, 10**6 + stream, rank, device)
     return generation.rollouts(model, tokenizer, [render_chat(tokenizer, messages(r)) for r in items],
-                         max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, generator=gen)
+                               max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
+                               generator=gen)
 
 
 def score_batches(batches, items: list[dict], batch_size: int, *scorers) -> torch.Tensor:
@@ -335,7 +336,7 @@ def proxy_sharpness(model, tokenizer, rows: list[dict], messages, proxy, *, pert
     def objective():
         batches = policy_samples(model, tokenizer, items, messages, stream=2, **sampling)
         return distributed.all_gather_rows(score_batches(batches, items, sampling["batch_size"], proxy), mine,
-                                    len(rows)).mean().item()
+                                           len(rows)).mean().item()
 
     s = sharpness(model, objective, perturbations=perturbations, sigma=sigma, seed=sampling["seed"])
     return {"sharpness": s["sharpness"], "sharpness_J": s["J"], "sharpness_J_perturbed": s["J_perturbed_mean"]}
@@ -387,7 +388,7 @@ def policy_gradient_norm(model, tokenizer, rows: list[dict], proxy, *, prompts: 
     gen = distributed.step_generator(seed, 10**6 + 3, rank, next(model.parameters()).device)
     prompts = [render_chat(tokenizer, tldr_messages(r)) for r in items]
     b = next(generation.rollouts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                           batch_size=len(items), generator=gen))
+                                 batch_size=len(items), generator=gen))
     rewards = proxy(items, b["texts"], b["ended"]).to(b["completion"].device)
     batch = grpo.rl_batch(b["prompt_ids"], b["prompt_mask"], b["completion"], b["cmask"],
                           grpo.group_advantages(rewards, group_size))
@@ -428,8 +429,9 @@ def evaluate_reasoning(cfg: EvalConfig) -> dict:
     rank, world, device = distributed.init_distributed()
     tokenizer = loading.load_tokenizer(cfg.checkpoint)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    model = generation.rollout_model(distributed.shard(loading.load_model(cfg.checkpoint, device)), getattr(torch, dtype),
-                               replica=cfg.rollout_replica)  # the fp32 shards are dropped once copied
+    policy = distributed.shard(loading.load_model(cfg.checkpoint, device))
+    model = generation.rollout_model(policy, getattr(torch, dtype), replica=cfg.rollout_replica)
+    del policy  # with a replica, the fp32 shards are dropped once copied
     common = dict(system_prompt=cfg.system_prompt, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     with distributed.autocast(device, dtype):
         greedy = pass_at_1(model, tokenizer, cfg.task, rows, **common)

@@ -153,7 +153,7 @@ def run_sft(cfg: Config, rows: list[dict]) -> dict:
     if per_epoch == 0:
         loading.fail(f"sft: {len(rows)} rows, fewer than --sft-batch-size {cfg.sft_batch_size}")
     model = distributed.shard(loading.load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code,
-                                       grad_checkpointing=cfg.grad_checkpointing))
+                                                 grad_checkpointing=cfg.grad_checkpointing))
     total = per_epoch * cfg.sft_epochs
     prompts = [render(tokenizer, r) for r in rows]
     if distributed.is_main():
@@ -163,8 +163,8 @@ def run_sft(cfg: Config, rows: list[dict]) -> dict:
     def loss_fn(step):
         mine = epoch_batch([cfg.seed], step, per_epoch, len(rows), cfg.sft_batch_size)
         ids, mask, loss_mask = supervised.sft_batch(tokenizer, [prompts[i] for i in mine],
-                                              [rows[i]["reference"] for i in mine], device,
-                                              max_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
+                                                    [rows[i]["reference"] for i in mine], device,
+                                                    max_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
         # mean over the global batch's completion tokens (FSDP averages the ranks' gradients: × world)
         tokens = distributed.all_reduce_sum(loss_mask[:, 1:].sum().float()).clamp(min=1) / world
         loss = torch.zeros((), device=device)
@@ -177,8 +177,9 @@ def run_sft(cfg: Config, rows: list[dict]) -> dict:
         return {"loss": loss}
 
     last = supervised.supervised_train(model, loss_fn, total, lr=cfg.sft_lr, schedule=lambda s: 1 - s / total,
-                                 weight_decay=0.01, max_grad_norm=cfg.max_grad_norm, name="sft",
-                                 log_path=Path(cfg.out_dir) / "sft_metrics.jsonl", print_every=max(1, total // 10))
+                                       weight_decay=0.01, max_grad_norm=cfg.max_grad_norm, name="sft",
+                                       log_path=Path(cfg.out_dir) / "sft_metrics.jsonl",
+                                       print_every=max(1, total // 10))
     summary = {"stage": "sft", "base": cfg.model, "rows": len(rows), "epochs": cfg.sft_epochs, "steps": total,
                "final_loss": last["loss"], "seconds": round(time.time() - t0, 1)}
     rundir.save_pretrained(cfg.sft_dir, model, tokenizer, files={"train_summary.json": json.dumps(summary, indent=2)})
@@ -202,8 +203,8 @@ def sample_pairs(cfg: Config, rows: list[dict], device) -> list[dict]:
     generator = distributed.step_generator(cfg.seed, 10**6, rank, device)  # not a training step
     with distributed.autocast(device, cfg.dtype):
         texts, ended = generation.generate_texts(policy, tokenizer, [render(tokenizer, r) for r in twice],
-                                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.rm_temperature,
-                                           batch_size=cfg.gen_batch_size, generator=generator)
+                                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.rm_temperature,
+                                                 batch_size=cfg.gen_batch_size, generator=generator)
     scores = torch.cat([gold(twice[s:s + cfg.gen_batch_size], texts[s:s + cfg.gen_batch_size],
                              ended[s:s + cfg.gen_batch_size]) for s in range(0, len(texts), cfg.gen_batch_size)])
     local = [{"index": i, "prompt": rows[i]["prompt"], "a": texts[2 * k], "b": texts[2 * k + 1],
@@ -269,13 +270,13 @@ def run_rm(cfg: Config, rows: list[dict]) -> dict:
     per_epoch = len(train) // cfg.rm_batch_size
     if per_epoch == 0 or not heldout:
         loading.fail(f"rm: only {len(usable)} usable pairs ({ties} gold ties, {cut} cut off at the length limit): "
-                  f"too few for --rm-batch-size {cfg.rm_batch_size} and a held-out set; raise --rm-pairs")
+                     f"too few for --rm-batch-size {cfg.rm_batch_size} and a held-out set; raise --rm-pairs")
     if distributed.is_main():
         print(f"rm: {len(pairs)} pairs in {t_sample:.0f}s; dropped {ties} gold ties and {cut} with a cut-off "
               f"completion; {len(train)} train, {len(heldout)} held out")
 
     rm = distributed.shard(loading.load_reward_model(cfg.sft_dir, device, pad_token_id=tokenizer.pad_token_id,
-                                           trust_remote_code=cfg.trust_remote_code))
+                                                     trust_remote_code=cfg.trust_remote_code))
     total = per_epoch * cfg.rm_epochs
     chunk_size = max(1, cfg.micro_batch_size // 2)  # pairs per forward: 2 sequences each
 
@@ -294,8 +295,8 @@ def run_rm(cfg: Config, rows: list[dict]) -> dict:
         return {"loss": loss, "accuracy": correct / cfg.rm_batch_size}
 
     last = supervised.supervised_train(rm, loss_fn, total, lr=cfg.rm_lr, schedule=lambda s: 1 - s / total,
-                                 weight_decay=0.01, max_grad_norm=cfg.max_grad_norm, name="rm",
-                                 log_path=Path(cfg.out_dir) / "rm_metrics.jsonl", print_every=max(1, total // 10))
+                                       weight_decay=0.01, max_grad_norm=cfg.max_grad_norm, name="rm",
+                                       log_path=Path(cfg.out_dir) / "rm_metrics.jsonl", print_every=max(1, total // 10))
     held = pair_scores(rm, tokenizer, heldout, cfg, device)
     bt = evaluation.bt_loss_on_policy(held[:, 0], held[:, 1], torch.ones(len(held)), torch.zeros(len(held)))
     summary = {"stage": "rm", "sft": cfg.sft_dir, "gold_rm": cfg.gold_rm, "pairs_sampled": len(pairs),
@@ -307,7 +308,7 @@ def run_rm(cfg: Config, rows: list[dict]) -> dict:
                                      "split": "heldout" if j < n_held else "train"}) + "\n"
                          for j, p in enumerate(heldout + train))
     rundir.save_pretrained(cfg.rm_dir, rm, tokenizer, files={"train_summary.json": json.dumps(summary, indent=2),
-                                                           "pairs.jsonl": pair_lines})
+                                                             "pairs.jsonl": pair_lines})
     if distributed.is_main():
         print(f"rm: held-out accuracy {summary['heldout_accuracy']:.3f}, BT loss {summary['heldout_bt_loss']:.4f} "
               f"on {len(heldout)} pairs; wrote {cfg.rm_dir} in {summary['seconds']}s")
@@ -320,7 +321,7 @@ def run_rl(cfg: Config, train_rows: list[dict], test_rows: list[dict]) -> dict:
     rank, world, device = distributed.init_distributed()
     tokenizer = loading.load_tokenizer(cfg.sft_dir, cfg.trust_remote_code)
     proxy_rm = loading.load_reward_model(cfg.rm_dir, device, pad_token_id=tokenizer.pad_token_id, dtype=rm_dtype(cfg),
-                                      trust_remote_code=cfg.trust_remote_code).requires_grad_(False)
+                                         trust_remote_code=cfg.trust_remote_code).requires_grad_(False)
     proxy = evaluation.make_proxy(proxy_rm, tokenizer, eos_penalty=cfg.eos_penalty, batch_size=cfg.gold_batch_size)
     gold = evaluation.make_gold(cfg.gold_rm, device, dtype=rm_dtype(cfg), batch_size=cfg.gold_batch_size,
                                 trust_remote_code=cfg.trust_remote_code)

@@ -211,8 +211,9 @@ def generate(name, cfg: Config, model, ids, mask, n_new: int, seed: int, rank: i
     with distributed.autocast(ids.device, cfg.gen_dtype if autocast else "float32"):
         if name in ("ours", "graphed"):
             model.grpo_cuda_graphs = name == "graphed"  # what generation.rollout_model(..., cuda_graphs=) marks
+            generator = distributed.step_generator(seed, 0, rank, ids.device)
             out, _ = generation.generate(model, ids, mask, max_new_tokens=n_new, eos_token_ids=[no_eos], pad_token_id=0,
-                                   temperature=cfg.temperature, generator=distributed.step_generator(seed, 0, rank, ids.device))
+                                         temperature=cfg.temperature, generator=generator)
             return out
         from transformers import CompileConfig, GenerationConfig
         torch.manual_seed(seed)

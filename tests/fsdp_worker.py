@@ -45,7 +45,8 @@ def run(model, ref, opt, steps: range, dtype) -> list[dict]:
 
 
 def fresh(tie: bool, dtype):
-    model, ref = (distributed.shard(tiny_model(seed=0, tie=tie, dtype=dtype).to(distributed.rank_device())) for _ in range(2))
+    device = distributed.rank_device()
+    model, ref = (distributed.shard(tiny_model(seed=0, tie=tie, dtype=dtype).to(device)) for _ in range(2))
     return model, ref, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
@@ -76,15 +77,16 @@ def main(out: Path, dtype: torch.dtype):
     prompts = rollout_batch(n=N_GLOBAL, completion_len=1, group=4, seed=99)
     ids, mask = prompts["input_ids"][share, :5].to(device), prompts["attention_mask"][share, :5].to(device)
     uneven, _ = generation.generate(untied, ids, mask, max_new_tokens=12, pad_token_id=0, temperature=0,
-                              eos_token_ids=range(VOCAB) if rank == 0 else [VOCAB + 1])
-    greedy, _ = generation.generate(untied, ids, mask, max_new_tokens=6, pad_token_id=0, temperature=0, eos_token_ids=[3])
+                                    eos_token_ids=range(VOCAB) if rank == 0 else [VOCAB + 1])
+    greedy, _ = generation.generate(untied, ids, mask, max_new_tokens=6, pad_token_id=0, temperature=0,
+                                    eos_token_ids=[3])
     greedy = distributed.all_gather_rows(greedy, list(range(share.start, share.stop)), N_GLOBAL).long()
     # rollouts from an unsharded replica of the sharded policy: each rank decodes on its own, no collectives
     replica = generation.rollout_model(untied, dtype)
     full = distributed.full_state_dict(untied)  # on rank 0
     replica_exact = rank != 0 or all(torch.equal(v.cpu(), full[k]) for k, v in replica.named_parameters())
     no_eos, _ = generation.generate(replica, ids, mask, max_new_tokens=6, pad_token_id=0, temperature=0,
-                              eos_token_ids=[VOCAB + 1])
+                                    eos_token_ids=[VOCAB + 1])
     no_eos = distributed.all_gather_rows(no_eos, list(range(share.start, share.stop)), N_GLOBAL).long()
     result["replica"] = {"copy": replica is not untied, "exact": replica_exact, "greedy": no_eos}
     ckpt = rundir.save_checkpoint(out / "ckpt", len(PLAN), untied, untied_opt, _tokenizer())

@@ -39,7 +39,8 @@ assert device.type == "cuda", device
 for local in (torch.ones(2, 1), torch.ones(2, 1, device=device)):  # a CPU tensor is issue 10's crash under nccl
     assert distributed.all_gather_rows(local * rank, [2 * rank, 2 * rank + 1], 2 * world).flatten().tolist() == \\
         [float(r) for r in range(world) for _ in range(2)]
-    assert distributed.all_reduce_sum(local).sum().item() == 2 * world and distributed.all_reduce_sum(local).device == local.device
+    summed = distributed.all_reduce_sum(local)
+    assert summed.sum().item() == 2 * world and summed.device == local.device
 assert distributed.all_gather_objects({"rank": rank}) == [{"rank": r} for r in range(world)]
 parts = [torch.zeros(3) for _ in range(world)]
 dist.all_gather(parts, torch.full((3,), float(rank)))  # a raw CPU collective goes over the group's gloo backend
@@ -83,7 +84,7 @@ def test_greedy_generation_on_cuda_matches_hf_generate(graphs):
     ids, mask = batch["input_ids"][:, :7], batch["attention_mask"][:, :7]
     for _ in range(2):  # the second call replays the recorded graph
         ours, _ = generation.generate(model, ids, mask, max_new_tokens=20, eos_token_ids=[VOCAB + 1], pad_token_id=0,
-                                temperature=0)
+                                      temperature=0)
     hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=20, min_new_tokens=20,
                         eos_token_id=None, pad_token_id=0)
     assert torch.equal(ours[:, :20], hf[:, 7:])
@@ -99,9 +100,9 @@ def test_bf16_replica_on_cuda_follows_the_policy():
     generation.refresh_rollout_model(replica, policy)
     assert all(torch.equal(r, p.detach().to(torch.bfloat16)) for r, p in zip(replica.parameters(), policy.parameters()))
     batch = rollout_batch(n=8, prompt_len=5, completion_len=1, group=4, device="cuda")
-    out, mask = generation.generate(replica, batch["input_ids"][:, :5], batch["attention_mask"][:, :5], max_new_tokens=16,
-                              eos_token_ids=[1], pad_token_id=0, temperature=0.7,
-                              generator=torch.Generator("cuda").manual_seed(0))
+    out, mask = generation.generate(replica, batch["input_ids"][:, :5], batch["attention_mask"][:, :5],
+                                    max_new_tokens=16, eos_token_ids=[1], pad_token_id=0, temperature=0.7,
+                                    generator=torch.Generator("cuda").manual_seed(0))
     assert out.shape[0] == 8 and ((out >= 0) & (out < VOCAB)).all()
 
 

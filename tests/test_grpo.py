@@ -100,10 +100,10 @@ def test_greedy_generation_matches_naive_loop(arch):
     prompt_ids, prompt_mask = batch["input_ids"][:, :5], batch["attention_mask"][:, :5]
     # make the token greedy decoding emits third for row 0 the EOS, so rows stop at different lengths
     completion, mask = generation.generate(model, prompt_ids, prompt_mask, max_new_tokens=8, eos_token_ids=[VOCAB - 1],
-                                     pad_token_id=0, temperature=0)
+                                           pad_token_id=0, temperature=0)
     eos = completion[0, 2].item()
     completion, mask = generation.generate(model, prompt_ids, prompt_mask, max_new_tokens=8, eos_token_ids=[eos],
-                                     pad_token_id=0, temperature=0)
+                                           pad_token_id=0, temperature=0)
     for i in range(4):
         ref = naive_greedy(model, prompt_ids[i][prompt_mask[i].bool()], 8, eos)
         n = int(mask[i].sum())
@@ -245,8 +245,8 @@ def test_greedy_generation_matches_hf_generate(arch, tie):
     batch = rollout_batch(n=6, prompt_len=7, completion_len=1, group=3)
     ids, mask = batch["input_ids"][:, :7], batch["attention_mask"][:, :7]
     assert len(set(mask.sum(1).tolist())) == 3  # three prompt lengths
-    ours, ours_mask = generation.generate(model, ids, mask, max_new_tokens=12, eos_token_ids=[VOCAB + 1], pad_token_id=0,
-                                    temperature=0)
+    ours, ours_mask = generation.generate(model, ids, mask, max_new_tokens=12, eos_token_ids=[VOCAB + 1],
+                                          pad_token_id=0, temperature=0)
     hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12, min_new_tokens=12,
                         eos_token_id=None, pad_token_id=0)
     assert torch.equal(ours, hf[:, 7:]) and ours_mask.all()
@@ -273,9 +273,9 @@ def test_generate_samples_the_first_token_from_softmax_at_temperature():
         model.lm_head.weight.mul_(0.5)  # every token likely enough to count, yet T = 0.7 and T = 1 far apart
     prompt = torch.tensor([[5, 9, 11, 3]])
     n, T = 20_000, 0.7
-    completion, _ = generation.generate(model, prompt.repeat(n, 1), torch.ones(n, 4, dtype=torch.long), max_new_tokens=1,
-                                  eos_token_ids=[VOCAB + 1], pad_token_id=0, temperature=T,
-                                  generator=torch.Generator().manual_seed(1))
+    completion, _ = generation.generate(model, prompt.repeat(n, 1), torch.ones(n, 4, dtype=torch.long),
+                                        max_new_tokens=1, eos_token_ids=[VOCAB + 1], pad_token_id=0, temperature=T,
+                                        generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         p = torch.softmax(model(prompt).logits[0, -1].double() / T, -1)
     freq = torch.bincount(completion[:, 0], minlength=VOCAB).double() / n

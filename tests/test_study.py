@@ -10,7 +10,7 @@ def test_study_smoke(small_judge_toy, tmp_path, monkeypatch):
              f"--group-size 4 --max-new-tokens 16 --judge-max-new-tokens 24 --eval-limit 4 --eval-pairs 4 "
              f"--sharpness-perturbations 2 --sharpness-prompts 4")
     cfg = loading.parse_config(study.StudyConfig, ["--tasks", "judge", "--seeds", "2", "--steps", "2", "--no-prepare",
-                                                "--out-dir", str(tmp_path), "--extra", extra])
+                                                   "--out-dir", str(tmp_path), "--extra", extra])
     monkeypatch.setattr(study, "REGIMES", {k: study.REGIMES[k] for k in ("none", "gr-g0.01")})
     text = study.main(cfg)
     assert text == (tmp_path / "table.md").read_text()

@@ -37,7 +37,8 @@ def toy_args(small_tldr, out, *extra):
 
 
 def run(small_tldr, out, *extra):
-    return train_tldr.main(loading.parse_config(train_tldr.Config, toy_args(small_tldr, out, *extra), train_tldr.PRESETS))
+    args = toy_args(small_tldr, out, *extra)
+    return train_tldr.main(loading.parse_config(train_tldr.Config, args, train_tldr.PRESETS))
 
 
 def read_metrics(run_dir, with_initial_eval=False):
@@ -193,7 +194,7 @@ def test_beta_default_depends_on_reg(small_tldr, tmp_path):
         grpo.validate(cfg, check_model=False)
         assert cfg.beta == beta
     cfg = loading.parse_config(train_tldr.Config, toy_args(small_tldr, tmp_path, "--reg", "reset", "--beta", "0.2"),
-                            train_tldr.PRESETS)
+                               train_tldr.PRESETS)
     grpo.validate(cfg, check_model=False)
     assert cfg.beta == 0.2
 
@@ -349,7 +350,7 @@ def test_sharpness_of_sampled_generation_is_zero_at_scale_zero_and_positive_othe
     def sample():  # 6 tokens per prompt, fixed sampling draws
         gen = torch.Generator().manual_seed(0)
         return generation.generate(model, ids, mask, max_new_tokens=6, eos_token_ids=[VOCAB + 1], pad_token_id=0,
-                             temperature=1.0, generator=gen)[0]
+                                   temperature=1.0, generator=gen)[0]
 
     target = sample()
 

@@ -46,7 +46,7 @@ def test_smoke_logs_judge_and_true_reward(small_judge_toy, tmp_path, monkeypatch
 
     monkeypatch.setattr(train_judge, "judge_rewards", judge_rewards)
     cfg = loading.parse_config(train_judge.Config, judge_args(small_judge_toy, tmp_path, "--reg", "gr"),
-                            train_judge.PRESETS)
+                               train_judge.PRESETS)
     train_judge.main(cfg)
     init, *rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert init["step"] == -1 and [r["step"] for r in rows] == [0, 1]

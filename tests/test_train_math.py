@@ -63,7 +63,7 @@ def run_cli(args, **kw):
 @pytest.mark.parametrize("reg", grpo.REGS)
 def test_smoke_each_reg(small_toy, tmp_path, reg):
     cfg = loading.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--reg", reg, "--log-kl-init"),
-                            train_math.PRESETS)
+                               train_math.PRESETS)
     final = train_math.main(cfg)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -115,9 +115,9 @@ def test_resume_reproduces_uninterrupted_run(small_toy, tmp_path, reg):
     train_math.main(loading.parse_config(train_math.Config, toy_args(small_toy, full, *common), train_math.PRESETS))
     # the "killed" run stops after its step-2 checkpoint, then resumes to the same end
     train_math.main(loading.parse_config(train_math.Config, toy_args(small_toy, killed, *common, "--steps", "2"),
-                                      train_math.PRESETS))
+                                         train_math.PRESETS))
     train_math.main(loading.parse_config(train_math.Config, toy_args(small_toy, killed, *common, "--resume"),
-                                      train_math.PRESETS))
+                                         train_math.PRESETS))
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
     assert strip(read_metrics(killed)) == strip(read_metrics(full))
 
@@ -215,7 +215,7 @@ def test_tracker_gets_config_and_every_record_and_summary_adds_up(small_toy, tmp
     calls = []
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb(calls))
     train_math.main(loading.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--reg", "gr", "--report-to",
-                                                                  "wandb"), train_math.PRESETS))
+                                                                     "wandb"), train_math.PRESETS))
     init, *logs, finish = calls
     assert init[0] == "init" and init[1]["config"]["reg"] == "gr" and init[1]["config"]["report_to"] == ("wandb",)
     assert finish == ("finish",)
@@ -256,6 +256,6 @@ def test_missing_tracker_package_fails_fast(small_toy, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb([]))  # installed
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # not installed
     with pytest.raises(SystemExit, match="^error: --report-to tensorboard needs the tensorboard package"):
-        train_math.main(loading.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--report-to", "wandb",
-                                                                      "--report-to", "tensorboard"), train_math.PRESETS))
+        args = toy_args(small_toy, tmp_path, "--report-to", "wandb", "--report-to", "tensorboard")
+        train_math.main(loading.parse_config(train_math.Config, args, train_math.PRESETS))
     assert not (tmp_path / "metrics.jsonl").exists()
