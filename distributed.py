@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from gr import transformer_blocks
 from loading import fail
@@ -114,13 +114,25 @@ def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
 
 # ----------------------------------------------------------------------------- FSDP2
 
-def shard(model: torch.nn.Module) -> torch.nn.Module:
-    """FSDP2: `fully_shard` every transformer block, then the root. No-op in a single process."""
+def shard(model: torch.nn.Module, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """FSDP2: `fully_shard` every transformer block, then the root. No-op in a single process. `param_dtype`
+    (e.g. bf16 for the bf16 update regimes): parameters are all-gathered and used in it, half the traffic of fp32;
+    gradients are reduce-scattered in the master weights' own dtype either way."""
     if is_distributed():
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=next(model.parameters()).dtype)
         for block in transformer_blocks(model):
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
     return model
+
+
+def gradient_sync(model, enabled: bool) -> None:
+    """FSDP2: whether the next backward ends by reduce-scattering the gradients (True) or keeps accumulating them
+    unsharded on each rank (False). A pass over several micro-batches enables it for the last one only: one
+    reduce-scatter per FSDP unit per pass instead of one per micro-batch, at the price of holding the unsharded
+    fp32 gradients of the whole model on every rank during the pass. No-op without FSDP2."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
 
 
 def is_sharded(model) -> bool:

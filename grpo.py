@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distributed import (all_reduce_sum, autocast, init_distributed, is_main, keep_freed_memory, rank_and_world,
-                         rank_device, reshard, seed_everything, shard, step_generator, step_seed)
+from distributed import (all_reduce_sum, autocast, gradient_sync, init_distributed, is_main, keep_freed_memory,
+                         rank_and_world, rank_device, reshard, seed_everything, shard, step_generator, step_seed)
 from generation import (decode_completions, generate, has_eos, position_ids, refresh_rollout_model, rollout_model,
                         tokenize_prompts)
 from gr import clip_, gr_backward, local_shard
@@ -137,7 +137,9 @@ def train_step(model, optimizer, batch: dict, *, reg: str, temperature: float, n
     def closure():
         total = torch.zeros((), device=batch["input_ids"].device)
         first = not stats
-        for mb in micro_batches(batch, micro_batch_size):
+        n_micro = -(-batch["input_ids"].shape[0] // micro_batch_size)
+        for i, mb in enumerate(micro_batches(batch, micro_batch_size)):
+            gradient_sync(model, i == n_micro - 1)  # FSDP2: one reduce-scatter per pass, after its last micro-batch
             logp, entropy = token_logprobs(model, mb["input_ids"], mb["attention_mask"], n_completion,
                                            temperature, with_entropy=first)
             ref_logp = mb["ref_logp"] if use_kl else None
@@ -210,7 +212,11 @@ class RLConfig:
     update_dtype: str = field(default="auto", metadata={
         "help": "compute dtype of the loss/backward passes (master weights stay fp32). auto: float32 for --reg gr, "
                 "whose finite difference survives bf16 only when ε·‖g1‖ ≳ 5e-3 (benchmarks/gr_precision.py); else "
-                "bfloat16 autocast on CUDA, float32 on CPU", "choices": ("auto", "float32", "bfloat16")})
+                "bfloat16 autocast on CUDA, float32 on CPU. Under FSDP2, bfloat16 also all-gathers the weights in bf16",
+        "choices": ("auto", "float32", "bfloat16")})
+    tf32: bool = field(default=False, metadata={
+        "help": "CUDA: fp32 matmuls with TF32 inputs (the fp32 update and reference passes). Off until "
+                "`benchmarks/gr_precision.py --device cuda` (its tf32 mode) has measured what it does to GR"})
     rollout_replica: bool = field(default=True, metadata={
         "help": "generate and evaluate with an unsharded copy of the policy in --dtype on each rank (one copy of the "
                 "weights per rank, refreshed after every step): no FSDP gathers, collectives or autocast while "
@@ -295,16 +301,20 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
         fail(f"only {len(keep)} usable prompts, fewer than --prompts-per-step {cfg.prompts_per_step}")
     rows, prompts = [rows[i] for i in keep], [prompts[i] for i in keep]
 
+    if cfg.tf32 and device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    param_dtype = torch.bfloat16 if cfg.update_dtype == "bfloat16" else None  # FSDP2's all-gathers (one process: none)
     policy = shard(load_model(ckpt or cfg.model, device, trust_remote_code=cfg.trust_remote_code,
-                              grad_checkpointing=cfg.grad_checkpointing))
+                              grad_checkpointing=cfg.grad_checkpointing), param_dtype)
     ref = None
     if cfg.reg in ("kl", "reset"):
         ref_path = ckpt / "reference" if ckpt is not None and cfg.reg == "reset" else cfg.model
-        ref = shard(load_model(ref_path, device, trust_remote_code=cfg.trust_remote_code))
+        ref = shard(load_model(ref_path, device, trust_remote_code=cfg.trust_remote_code), param_dtype)
         ref.requires_grad_(False)
     init = None
     if cfg.log_kl_init:
-        init = ref if cfg.reg == "kl" else shard(load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code))
+        init = ref if cfg.reg == "kl" else shard(load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code),
+                                                 param_dtype)
         init.requires_grad_(False)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     start = load_trainer_state(ckpt, policy, optimizer) if ckpt is not None else 0
@@ -313,7 +323,8 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
     if main:
         what = f"a {cfg.dtype} replica of the policy on each rank" if rollout is not policy else "the policy itself"
         size = sum(p.numel() * p.element_size() for p in rollout.parameters()) / 2**30
-        updates = cfg.update_dtype + (" autocast over fp32 master weights" if cfg.update_dtype == "bfloat16" else "")
+        updates = cfg.update_dtype + (" autocast over fp32 master weights" if cfg.update_dtype == "bfloat16" else
+                                      " with TF32 matmuls" if cfg.tf32 and device.type == "cuda" else "")
         print(f"rollouts: {what} ({size:.3f} GiB of weights){', CUDA-graph decode' if cfg.cuda_graphs else ''}; "
               f"update passes: {updates}")
     eos_ids = eos_token_ids(tokenizer, policy)

@@ -170,6 +170,7 @@ def run_sft(cfg: Config, rows: list[dict]) -> dict:
         loss = torch.zeros((), device=device)
         for s in range(0, len(mine), cfg.micro_batch_size):
             sl = slice(s, s + cfg.micro_batch_size)
+            distributed.gradient_sync(model, s + cfg.micro_batch_size >= len(mine))  # one reduce-scatter per step
             with distributed.autocast(device, cfg.dtype):
                 mb = supervised.sft_loss(model, ids[sl], mask[sl], loss_mask[sl]) * loss_mask[sl, 1:].sum() / tokens
             mb.backward()
@@ -285,6 +286,7 @@ def run_rm(cfg: Config, rows: list[dict]) -> dict:
         loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
         for s in range(0, len(mine), chunk_size):
             chunk = [train[i] for i in mine[s:s + chunk_size]]
+            distributed.gradient_sync(rm, s + chunk_size >= len(mine))  # one reduce-scatter per step
             with distributed.autocast(device, cfg.dtype):
                 scores = rm_last_token_scores(rm, *pair_batch(tokenizer, chunk, device))
                 chosen, rejected = scores[:len(chunk)], scores[len(chunk):]
