@@ -143,17 +143,23 @@ def test_bad_inputs_fail_fast_with_one_line(small_toy, tmp_path):
         assert not (tmp_path / "out" / "metrics.jsonl").exists()  # failed before any work
 
 
-def test_math_task_and_quintiles(small_toy, tmp_path, monkeypatch):
-    """--task math end to end on MATH-schema rows (math-verify rewards), then eval.py's Table-4 quintiles."""
+def math_task(small_toy, tmp_path, steps: int = 2) -> tuple[list[dict], Path, list[str]]:
+    """MATH-schema rows (one with an unparsable gold), their file, and train_math's flags for a short --task math run."""
     rows = [{"problem": f"What is {a} + {b}?", "solution": f"{a} + {b} = \\boxed{{{a + b}}}",
              "level": f"Level {1 + a % 5}", "type": ("Algebra", "Prealgebra")[b % 2]} for a in range(1, 7) for b in (2, 3)]
     rows.append({"problem": "Unparsable gold", "solution": "no boxed answer", "level": "Level 1", "type": "Algebra"})
     data = tmp_path / "math.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--task", "math", "--model", str(small_toy[2]), "--dataset", str(data), "--out-dir", str(tmp_path / "run"),
+            "--steps", str(steps), "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "16",
+            "--eval-limit", "6", "--save-every", str(steps), "--system-prompt", "", "--max-prompt-tokens", "256"]
+    return rows, data, args
+
+
+def test_math_task_and_quintiles(small_toy, tmp_path, monkeypatch):
+    """--task math end to end on MATH-schema rows (math-verify rewards), then eval.py's Table-4 quintiles."""
+    rows, data, args = math_task(small_toy, tmp_path)
     _, _, policy = small_toy
-    args = ["--task", "math", "--model", str(policy), "--dataset", str(data), "--out-dir", str(tmp_path / "run"),
-            "--steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "16", "--eval-limit", "6",
-            "--save-every", "2", "--system-prompt", "", "--max-prompt-tokens", "256"]
     import math_verify.parser
 
     def timing_out(pred, *args, **kwargs):
@@ -173,6 +179,32 @@ def test_math_task_and_quintiles(small_toy, tmp_path, monkeypatch):
                                                       base_results=str(tmp_path / "base.json"), **common))
     assert set(after["quintiles"]) == set(evaluation.QUINTILES)
     assert sum(q["n"] for q in after["quintiles"].values()) == len(rows) - 1
+
+
+def test_grader_pool_is_created_once_per_run_and_grades_as_in_process(small_toy, tmp_path, monkeypatch):
+    """--grader-workers 2: one pool for the whole run (not one per step), every step's grades equal to grading in the
+    training process, and the pool shut down at the end."""
+    import rewards
+    pools, graded = [], []
+
+    def counting_pool(workers):
+        pools.append(rewards.grader_pool(workers))
+        return pools[-1]
+
+    def checked_batch(completions, solutions, *, pool=None):
+        got = rewards.math_rewards_batch(completions, solutions, pool=pool)
+        if pool is not None:  # (load_task's gold check runs in-process, before the pool exists)
+            assert pool is pools[0] and got == rewards.math_rewards_batch(completions, solutions)
+            graded.append(len(got))
+        return got
+
+    monkeypatch.setattr(train_math, "grader_pool", counting_pool)
+    monkeypatch.setattr(train_math, "math_rewards_batch", checked_batch)
+    _, _, args = math_task(small_toy, tmp_path, steps=3)
+    train_math.main(loading.parse_config(train_math.Config, args + ["--grader-workers", "2", "--eval-every", "0"]))
+    assert len(pools) == 1 and graded == [16] * 3
+    with pytest.raises(RuntimeError, match="shutdown"):
+        pools[0].submit(print)
 
 
 def test_quintile_and_category_accuracy_on_crafted_base_results():
