@@ -10,10 +10,9 @@ Paper §2.3 eq. 4-5, §5, App. C.1 and Fig. 9. With g(φ) = ∇L(φ):
 
 then the caller clips grad to 1.0 and takes the optimizer step. Eq. 5 writes the penalty as
 (γ/2)·Δ with Δ from eq. 4; Fig. 9, which we follow, folds the 1/2 into γ, so γ here is the
-paper's γ in every table. Works on one process, DDP (any `gradient_as_bucket_view`, `no_sync`
-accumulation), FSDP1 and FSDP2: norms are global, perturbation and restore act in place on each
-rank's local shards, g1 is kept in buffers of its own, and the result is written into the
-gradients the wrapper holds. DeepSpeed keeps gradients out of `.grad`: refused with an error.
+paper's γ in every table. Right under one process, DDP, FSDP1 and FSDP2 (README: "Using gr.py in
+your trainer"): norms are global, perturbation and restore act on each rank's local shards, g1 is
+copied out of the wrapper's gradient buffers and the result written back into them.
 
 Precision note: ε·g1 is tiny (ε = 1e-3, ‖g1‖ ≤ 10 spread over all weights). Keep master weights
 in fp32; if the forward runs in bf16 most of the perturbation is rounded away.
@@ -53,12 +52,12 @@ def block_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def shard_group(model: nn.Module):
-    """The process group whose ranks hold disjoint pieces of each gradient, so norms sum over it: FSDP1's shard
-    group. None where every rank holds whole gradients (one process, DDP, FSDP1 NO_SHARD) or they are DTensors
-    that reduce themselves (FSDP2)."""
-    if type(model).__module__.startswith("deepspeed") or any(hasattr(p, "ds_id") for p in model.parameters()):
-        raise ValueError("gr_backward: DeepSpeed keeps gradients in its engine's buffers, not in .grad, so GR "
-                         "cannot read g1 or write its result; use DDP, FSDP1 or FSDP2 (fully_shard) instead")
+    """FSDP1's shard group, over which norms must sum the ranks' pieces of each gradient; None where every rank
+    holds whole gradients (one process, DDP, FSDP1 NO_SHARD) or DTensors that reduce themselves (FSDP2)."""
+    if any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-1/2 or ZeRO-3
+        raise ValueError("gr_backward: DeepSpeed ZeRO sums every backward of a step into the engine's gradient "
+                         "partitions until engine.step(), so g1 and g2 cannot be taken apart; train with DDP, FSDP1 "
+                         "or FSDP2 (fully_shard)")
     units = [m for m in model.modules() if isinstance(m, FSDP1)]
     return units[0].process_group if units and units[0].sharding_strategy != ShardingStrategy.NO_SHARD else None
 
@@ -82,12 +81,11 @@ def restored(tensors: list[torch.Tensor]):
 def _global_norm(grads: list[torch.Tensor], group=None) -> torch.Tensor:
     """L2 norm of `grads` over all ranks."""
     norm = torch.nn.utils.get_total_norm(grads)
-    if isinstance(norm, DTensor):  # FSDP2: partial per-rank norms -> all-reduced global norm
+    if isinstance(norm, DTensor):  # FSDP2
         return norm.full_tensor()
     if group is not None:  # FSDP1: sum the squares of the ranks' pieces
-        norm = norm.square()
-        dist.all_reduce(norm, group=group)
-        norm = norm.sqrt()
+        dist.all_reduce(norm := norm.square(), group=group)
+        return norm.sqrt()
     return norm
 
 
@@ -113,11 +111,11 @@ def gr_backward(model: nn.Module, closure, *, gamma: float, eps: float,
     params = [p for p in model.parameters() if p.requires_grad]
     in_block = {id(p) for p in (block_parameters(model) if perturbed is None else perturbed)}
     is_block = [id(p) in in_block for p in params]  # every list below follows `params`' order
+    part = lambda ts, blocks=True: [local_shard(t) for t, b in zip(ts, is_block) if b == blocks]  # noqa: E731
 
     # g1 = ∇L(φ), clipped. Copied out of .grad, which wrappers reuse in the next backward (DDP's bucket views,
     # FSDP1's flat gradient); where nothing else holds it, the original is freed as soon as it is copied.
-    for p in params:
-        p.grad = None
+    model.zero_grad(set_to_none=True)
     loss = closure()
     if all(p.grad is None for p in params):
         raise ValueError("gr_backward: the closure left no gradient in .grad of any trainable parameter")
@@ -128,29 +126,25 @@ def gr_backward(model: nn.Module, closure, *, gamma: float, eps: float,
     g1_norm = clip_(g1, g1_clip, group)
 
     # g2 = ∇L(φ + ε·g1) on the same actions, the block parameters perturbed; φ restored bit-exactly afterwards
-    phi = [local_shard(p.detach()) for p, b in zip(params, is_block) if b]
-    g1_block = [local_shard(g) for g, b in zip(g1, is_block) if b]
+    phi, g1_block = part([p.detach() for p in params]), part(g1)
     with restored(phi):
         torch._foreach_add_(phi, g1_block, alpha=eps)
         closure()
     for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad  # g2 and, at the end, the result
     g2 = [p.grad for p in params]
 
     # grad = g1 + (γ/ε)(clip(g2) − g1) = lerp(clip(g2), g1, 1 − γ/ε) on the blocks, g1 elsewhere, built in .grad
     # (g2's buffers). clip(g2) uses the norm of all of g2, but only its block part is needed, so only that is scaled.
-    g2_norm = _global_norm(g2, group)
-    g2_block = [local_shard(g) for g, b in zip(g2, is_block) if b]
+    g2_norm, g2_block = _global_norm(g2, group), part(g2)
     torch._foreach_mul_(g2_block, torch.clamp(g2_clip / (g2_norm + 1e-6), max=1.0))
     # GR's own size, ‖(γ/ε)(clip(g2) − g1)‖ on the blocks (one tensor-sized temporary at a time)
     correction = (gamma / eps) * _global_norm([torch.linalg.vector_norm(a - b) for a, b, blk in zip(g2, g1, is_block)
                                                if blk], group)
     g1_used = _global_norm(g1, group)  # after the clip
     torch._foreach_lerp_(g2_block, g1_block, 1 - gamma / eps)
-    rest = [(local_shard(a), local_shard(b)) for a, b, blk in zip(g2, g1, is_block) if not blk]
-    if rest:
-        torch._foreach_copy_(*map(list, zip(*rest)))
+    if not all(is_block):
+        torch._foreach_copy_(part(g2, False), part(g1, False))
     g1_norm, g2_norm, correction, g1_used = torch.stack([g1_norm, g2_norm, correction, g1_used]).tolist()
     return {"loss": loss.detach(), "g1_norm": g1_norm, "g2_norm": g2_norm, "correction_norm": correction,
             "correction_ratio": correction / max(g1_used, 1e-12)}

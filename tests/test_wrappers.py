@@ -1,6 +1,7 @@
 """gr.gr_backward inside the wrappers people train with, 2 gloo ranks against one process on the same global batch:
 DDP (bucket views on and off, `no_sync` accumulation), FSDP1 (`use_orig_params` True and False), FSDP2; and the
-setups that must be refused at the first call. Every clip acts at every step, and every norm is compared."""
+setups that must be refused at the first call (FSDP1 FlatParameters mixing block and non-block weights; DeepSpeed
+ZeRO-1/2 where deepspeed is installed). Every clip acts at every step, and every norm is compared."""
 
 import os
 import subprocess
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import gr  # noqa: E402
+from tiny import tiny_model  # noqa: E402
 from wrappers_worker import LR, REFUSED, SETUPS, STEPS  # noqa: E402
 
 WORKER = Path(__file__).parent / "wrappers_worker.py"
@@ -61,5 +64,17 @@ def test_two_ranks_match_one_process(runs, setup):
 @pytest.mark.parametrize("setup", REFUSED)
 def test_refused_at_the_first_call_naming_the_wrapper_and_the_fix(runs, setup):
     _, ranks = runs
+    if setup not in ranks["refused"]:
+        pytest.skip("deepspeed is not installed (not a requirement; `pip install deepspeed` runs this check)")
     message = ranks["refused"][setup]
-    assert "FSDP1" in message and "use_orig_params=True" in message and "ModuleWrapPolicy" in message, message
+    if setup.startswith("deepspeed"):
+        assert "DeepSpeed ZeRO" in message and "FSDP2" in message, message
+    else:
+        assert "FSDP1" in message and "use_orig_params=True" in message and "ModuleWrapPolicy" in message, message
+
+
+def test_a_closure_that_leaves_no_gradient_in_grad_is_refused():
+    """No backward, or a wrapper that keeps gradients elsewhere: an error, not a zero gradient."""
+    model = tiny_model()
+    with pytest.raises(ValueError, match="no gradient in .grad"):
+        gr.gr_backward(model, lambda: torch.zeros(()), gamma=1e-3, eps=1e-3)

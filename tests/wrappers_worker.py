@@ -7,6 +7,7 @@ call (their error messages). float64, SGD: any difference in a gradient shows in
 """
 
 import contextlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ N_GLOBAL, T, MICRO, STEPS, LR = 8, 7, 2, 3, 0.05
 ADV_SCALE = 300.0  # g1 and g2 above their clip (10) and the GR gradient above the final clip (1) at every step
 GR = dict(gamma=0.05, eps=1e-3)
 SETUPS = ("ddp_bucket_view", "ddp", "ddp_no_sync", "fsdp1", "fsdp1_flat", "fsdp2")
-REFUSED = ("fsdp1_flat_root_only",)
+REFUSED = ("fsdp1_flat_root_only", "deepspeed_zero1", "deepspeed_zero2")  # DeepSpeed: where it is installed
 
 
 def wrap(model, setup: str):
@@ -44,6 +45,11 @@ def wrap(model, setup: str):
         for b in gr.transformer_blocks(model):
             fully_shard(b)
         return fully_shard(model)
+    if setup.startswith("deepspeed"):
+        import deepspeed
+        config = {"train_micro_batch_size_per_gpu": MICRO, "zero_optimization": {"stage": int(setup[-1])},
+                  "optimizer": {"type": "SGD", "params": {"lr": LR}}, "zero_allow_untested_optimizer": True}
+        return deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())[0]
     assert setup == "single", setup
     return model
 
@@ -114,7 +120,8 @@ def main(out: Path):
         dist.init_process_group("gloo")
     result = {s: run(s) for s in (SETUPS if distributed else ("single",))}
     if distributed:
-        result["refused"] = {s: refusal(s) for s in REFUSED}
+        has_deepspeed = importlib.util.find_spec("deepspeed") is not None  # not a requirement of the project
+        result["refused"] = {s: refusal(s) for s in REFUSED if has_deepspeed or not s.startswith("deepspeed")}
     if not distributed or dist.get_rank() == 0:
         torch.save(result, out / "result.pt")
     if distributed:
