@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -29,7 +29,7 @@ from tiny import rollout_batch, tiny_model  # noqa: E402
 N_GLOBAL, T, MICRO, STEPS, LR = 8, 7, 2, 3, 0.05
 ADV_SCALE = 300.0  # g1 and g2 above their clip (10) and the GR gradient above the final clip (1) at every step
 GR = dict(gamma=0.05, eps=1e-3)
-SETUPS = ("ddp_bucket_view", "ddp", "ddp_no_sync", "fsdp1", "fsdp1_flat", "fsdp2")
+SETUPS = ("ddp_bucket_view", "ddp", "ddp_no_sync", "fsdp1", "fsdp1_flat", "fsdp2", "fsdp2_no_sync")
 REFUSED = ("fsdp1_flat_root_only", "deepspeed_zero1", "deepspeed_zero2")  # DeepSpeed: where it is installed
 
 
@@ -41,7 +41,7 @@ def wrap(model, setup: str):
     if setup.startswith("fsdp1"):
         policy = None if setup.endswith("root_only") else ModuleWrapPolicy({block})
         return FSDP1(model, auto_wrap_policy=policy, use_orig_params="flat" not in setup, device_id=cpu)
-    if setup == "fsdp2":
+    if setup.startswith("fsdp2"):
         for b in gr.transformer_blocks(model):
             fully_shard(b)
         return fully_shard(model)
@@ -55,8 +55,8 @@ def wrap(model, setup: str):
 
 
 def closure_for(model, batch: dict, no_sync: bool):
-    """Forward + backward of the Dr.GRPO loss over the micro-batches; with `no_sync`, DDP's gradient accumulation:
-    only the last micro-batch's backward all-reduces."""
+    """Forward + backward of the Dr.GRPO loss over the micro-batches; with `no_sync`, gradient accumulation: only the
+    last micro-batch's backward reduces (DDP's `no_sync`, FSDP2's `set_requires_gradient_sync`)."""
     normalizer = batch["input_ids"].shape[0] * T  # this rank's sequences × T: ranks' mean = the global loss
 
     def closure():
@@ -65,7 +65,9 @@ def closure_for(model, batch: dict, no_sync: bool):
         for i in range(0, n, MICRO):
             mb = {k: v[i:i + MICRO] for k, v in batch.items()}
             sync = not no_sync or i + MICRO >= n
-            with contextlib.nullcontext() if sync else model.no_sync():
+            if isinstance(model, FSDPModule):
+                model.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or isinstance(model, FSDPModule) else model.no_sync():
                 logp, _ = token_logprobs(model, mb["input_ids"], mb["attention_mask"], T, temperature=0.7)
                 loss = dr_grpo_loss(logp, mb["advantages"], mb["completion_mask"], normalizer)
                 loss.backward()
@@ -83,7 +85,7 @@ def run(setup: str) -> dict:
     for step in range(STEPS):
         batch = {k: v[share] for k, v in rollout_batch(n=N_GLOBAL, completion_len=T, group=4, seed=step).items()}
         batch["advantages"] = batch["advantages"].double() * ADV_SCALE
-        out = gr.gr_backward(model, closure_for(model, batch, setup == "ddp_no_sync"), **GR)
+        out = gr.gr_backward(model, closure_for(model, batch, setup.endswith("no_sync")), **GR)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         out["grad_norm"] = gr.clip_(grads, 1.0, gr.shard_group(model)).item()
         loss = out.pop("loss").clone()
