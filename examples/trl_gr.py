@@ -3,7 +3,8 @@
 TRL's trainer runs forward + backward once per micro-batch and steps the optimizer after the last one. GR needs the
 whole step's gradient twice (at φ and at φ + ε·g1), so this subclass holds the step's micro-batches and, at the last
 one, runs gr.gr_backward with a closure over all of them; the Trainer then clips (max_grad_norm) and steps as usual.
-Works wherever gr.py does (one process, DDP, FSDP1, FSDP2 through Accelerate); DeepSpeed is refused by gr.py.
+Tested in one process (tests/test_trl.py); under Accelerate's DDP, FSDP1 or FSDP2 the Trainer hands it the
+wrapped model, which gr.py handles (tests/test_wrappers.py), and a DeepSpeed engine is refused by gr.py.
 
     trainer = GRGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(loss_type="dr_grpo", scale_rewards="none",
                             ...), train_dataset=..., gr_gamma=1e-2, gr_eps=1e-3)
