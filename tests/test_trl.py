@@ -14,7 +14,6 @@ import copy
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers

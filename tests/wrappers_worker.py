@@ -1,9 +1,9 @@
 """gr.gr_backward inside other people's wrappers, as 1 process (the reference) or under torchrun (2 gloo ranks).
 
 Usage: [torchrun --nproc_per_node=2] tests/wrappers_worker.py OUT_DIR. Writes OUT_DIR/result.pt (rank 0): per setup,
-the full parameters before the first step and after every step and every step's norms. One process runs the plain model; 2 ranks run every
-wrapper of SETUPS on the same global batch (each rank its half), plus the setups that must be refused at the first
-call (their error messages). float64, SGD: any difference in a gradient shows in the parameters at its own scale.
+the full parameters before the first step and after every step, and every step's norms. One process runs the plain
+model; 2 ranks run every wrapper of SETUPS on the same global batch (each rank its half), plus the setups that must be
+refused at the first call (their error messages). float64, SGD: any difference in a gradient shows in the parameters at its own scale.
 """
 
 import contextlib
