@@ -462,3 +462,30 @@ def test_flag_warnings_print_once_under_torchrun(monkeypatch, capsys):
         monkeypatch.setenv("RANK", rank)
         grpo.validate(grpo.RLConfig(reg="gr", update_dtype="bfloat16"), check_model=False)
         assert ("warning: --update-dtype bfloat16" in capsys.readouterr().out) == printed, rank
+
+
+def test_grad_checkpointing_recomputes_the_blocks_with_the_same_gradient_and_no_dropout():
+    """--grad-checkpointing in RL, where the policy stays in eval mode: each block runs forward twice (the recompute
+    in backward), not once as HF would in eval mode, and the gradient is unchanged; dropout (0.5 in the config)
+    stays off, or the two gradients would differ."""
+    from gr import transformer_blocks
+    import loading
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        model = tiny_model(dtype=torch.float64)
+        model.config.attention_dropout = 0.5
+        for block in model.model.layers:
+            block.self_attn.attention_dropout = 0.5
+        if checkpointing:
+            loading.checkpoint_activations(model)
+        counted = [0]
+        for block in transformer_blocks(model):
+            block.mlp.register_forward_pre_hook(lambda *_: counted.__setitem__(0, counted[0] + 1))
+        opt = GradientRecorder(model.parameters())
+        grpo.train_step(model, opt, _train_batch(model, "none"), reg="none", temperature=0.7, normalizer=42,
+                        micro_batch_size=6, max_grad_norm=math.inf)
+        grads.append(opt.grads)
+        calls.append(counted[0])
+    assert calls == [2, 4]  # 2 blocks, one micro-batch: forward, then forward again in backward
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
