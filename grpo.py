@@ -21,8 +21,8 @@ import torch
 
 from distributed import (all_reduce_max, all_reduce_sum, autocast, gradient_sync, init_distributed, is_main, keep_freed_memory,
                          rank_and_world, rank_device, reshard, seed_everything, shard, step_generator, step_seed)
-from generation import (decode_completions, generate, has_eos, position_ids, refresh_rollout_model, rollout_model,
-                        tokenize_prompts)
+from generation import (decode_completions, generate, has_eos, position_ids, prepare_decode, refresh_rollout_model,
+                        rollout_model, tokenize_prompts)
 from gr import clip_, gr_backward, local_shard
 from loading import check_model_path, eos_token_ids, fail, load_model, load_tokenizer
 from rewards import render_chat
@@ -275,8 +275,9 @@ class RLConfig:
                 "weights per rank, refreshed after every step): no FSDP gathers, collectives or autocast while "
                 "decoding. --no-rollout-replica: generate with the sharded policy (models whose copy does not fit)"})
     cuda_graphs: bool = field(default=False, metadata={
-        "help": "CUDA: replay the decode step as a CUDA graph (torch.compile mode=reduce-overhead). Not yet "
-                "measured on a GPU by this project, hence off by default"})
+        "help": "CUDA: replay the decode step as a CUDA graph (torch.compile mode=reduce-overhead), one per decode "
+                "shape (rows and cache length rounded up, at most 8). GRPO_COMPILE_BACKEND=eager runs the same "
+                "compiled path on the CPU. Not yet measured on a GPU by this project, hence off by default"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing (long completions)"})
     log_kl_init: bool = field(default=False, metadata={"help": "log kl_init, the k3 KL to the initial policy, every "
                                                                 "step (one more forward; free with --reg kl)"})
@@ -379,13 +380,14 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
     start = load_trainer_state(ckpt, policy, optimizer) if ckpt is not None else 0
     rollout = rollout_model(policy, getattr(torch, cfg.dtype), replica=cfg.rollout_replica, cuda_graphs=cfg.cuda_graphs)
     rollout_autocast = None if rollout is not policy else cfg.dtype  # a replica holds its weights in --dtype already
+    decode = prepare_decode(rollout, max(cfg.prompts_per_step // world * cfg.group_size, cfg.gen_batch_size),
+                            cfg.max_prompt_tokens + cfg.max_new_tokens)
     if main:
         what = f"a {cfg.dtype} replica of the policy on each rank" if rollout is not policy else "the policy itself"
         size = sum(p.numel() * p.element_size() for p in rollout.parameters()) / 2**30
         updates = cfg.update_dtype + (" autocast over fp32 master weights" if cfg.update_dtype == "bfloat16" else
                                       " with TF32 matmuls" if cfg.tf32 and device.type == "cuda" else "")
-        print(f"rollouts: {what} ({size:.3f} GiB of weights){', CUDA-graph decode' if cfg.cuda_graphs else ''}; "
-              f"update passes: {updates}")
+        print(f"rollouts: {what} ({size:.3f} GiB of weights), {decode}; update passes: {updates}")
     eos_ids = eos_token_ids(tokenizer, policy)
     metrics_path = out / "metrics.jsonl"
     if main:  # a resumed run rewrites the steps after its checkpoint

@@ -9,9 +9,10 @@ prompts, right-padded completions); the kl variant times `grpo.reference_logprob
 trainer's does, on `generation.rollout_model` (the --gen-dtype replica of the policy, or the policy itself), with the
 same prompts and sampling distribution (temperature, top_k 0, top_p 1) for every variant, all forced to emit
 exactly the requested number of tokens (no EOS). --gens picks the variants: ours (`generation.generate`: static KV
-cache, eager), graphed (the same with CUDA-graph decode steps, the trainer's --cuda-graphs; CUDA only), hf (HF
-`generate`: its DynamicCache, eager) and hf_static (HF `generate` with a static cache and `torch.compile`, the best
-HF offers: CUDA graphs on GPU; on CPU a long compile). Printed per variant:
+cache, eager), graphed (the same with the compiled decode step, the trainer's --cuda-graphs: CUDA graphs on CUDA,
+GRPO_COMPILE_BACKEND's backend on any device), hf (HF `generate`: its DynamicCache, eager) and hf_static (HF
+`generate` with a static cache and `torch.compile`, the best HF offers: CUDA graphs on GPU; on CPU a long compile).
+Printed per variant:
 tok/s, ms per decode step, and with --bandwidth-gbs the share of the memory-bandwidth bound (every decode step reads
 the weights and the KV cache once).
 Setup is the trainer's: `distributed.init_distributed()` and, on CPU, `distributed.keep_freed_memory()` (glibc keeps
@@ -105,8 +106,9 @@ class Config:
                                                          "x (prompt + new tokens); default the update batch's"})
     gen_only: bool = field(default=False, metadata={"help": "time generation only (no update variants)"})
     gens: str = field(default="ours,hf,hf_static", metadata={
-        "help": "comma-separated generation variants: ours (static cache, eager), graphed (ours with CUDA-graph decode "
-                "steps; CUDA only), hf (HF generate, eager; the ratios' reference when timed, else the first), "
+        "help": "comma-separated generation variants: ours (static cache, eager), graphed (ours with the compiled "
+                "decode step: CUDA graphs; elsewhere only with GRPO_COMPILE_BACKEND), hf (HF generate, eager; the "
+                "ratios' reference when timed, else the first), "
                 "hf_static (HF generate, static cache + torch.compile)"})
     bandwidth_gbs: float = field(default=0.0, metadata={"help": "device memory bandwidth in GB/s (H200 ~4800, H100 "
                                                                 "~3350): prints each variant's share of that bound"})
@@ -378,7 +380,7 @@ def bench(cfg: Config, size: str, rank: int, world: int, device) -> dict:
     def gen(g, r):  # the same prompts for every variant; a new sampling seed each repeat
         out = generate(g, cfg, rollout, prompt_ids, prompt_mask, n_new, seed=cfg.seed + r, rank=rank)
         assert out.shape == (n_gen, n_new), (g, tuple(out.shape))
-    gens = [g for g in cfg.gens.split(",") if g != "graphed" or device.type == "cuda"]  # no graphs on a CPU
+    gens = [g for g in cfg.gens.split(",") if g != "graphed" or generation.compile_backend(device)]
     gsamples = alternate({g: (lambda r, g=g: gen(g, r)) for g in gens}, cfg, device)
     gen_ref = "hf" if "hf" in gens else gens[0]
 

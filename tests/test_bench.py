@@ -18,8 +18,8 @@ TINY = ["--sizes", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", 
 UPDATES, GENS = ["plain", "kl", "gr"], ["ours", "hf"]
 
 
-def run(*args, timeout=120):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run(*args, timeout=120, **env_vars):
+    env = {**{k: v for k, v in os.environ.items() if k != "GRPO_COMPILE_BACKEND"}, "OMP_NUM_THREADS": "1", **env_vars}
     out = subprocess.run([sys.executable, str(BENCH), *TINY, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=timeout)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -48,11 +48,13 @@ def test_bench_prints_ratio_table():
 
 
 def test_bench_times_generation_alone_against_ours():
-    out = run("--gen-only", "--gens", "ours,graphed")  # on a CPU graphed is left out: graphs are CUDA's
+    out = run("--gen-only", "--gens", "ours,graphed")  # on a CPU graphed is left out: CUDA graphs are CUDA's
     assert not re.search(r"update (plain|kl|gr)|^(plain|kl|gr) |GR extra memory", out, re.M)
     assert re.search(r"^generate\s+tok/s\s+/ours", out, re.M) and re.search(r"^ours\s+\d+\s+1\.000x", out, re.M)
     assert re.search(r"tiny generate ours\s+\d+ tok/s 1\.000x \|\s+1\.000x ours", out)
     assert not re.search(r"^(hf|graphed)\s", out, re.M)
+    out = run("--gen-only", "--gens", "ours,graphed", GRPO_COMPILE_BACKEND="eager")  # gpu_check.sh's compiled decode
+    assert re.search(r"^graphed\s+\d+\s+[\d.]+x", out, re.M) and "decode cache: " in out
 
 
 def test_bench_uses_trainer_setup(monkeypatch):

@@ -13,6 +13,7 @@ import torch
 import generation
 import test_bench
 import test_fsdp
+import test_rollout
 import test_tldr
 import test_train_judge
 import test_train_math
@@ -88,6 +89,14 @@ def test_greedy_generation_on_cuda_matches_hf_generate(graphs):
     hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=20, min_new_tokens=20,
                         eos_token_id=None, pad_token_id=0)
     assert torch.equal(ours[:, :20], hf[:, 7:])
+
+
+def test_cuda_graph_decode_runs_a_gsm8k_shape_schedule(monkeypatch):
+    """tests/test_rollout.py's shape schedule with CUDA graphs (inductor, mode reduce-overhead), fp32 without TF32:
+    one graph per bucket and eager decoding's tokens."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.delenv("GRPO_COMPILE_BACKEND", raising=False)
+    test_rollout.check_shape_schedule(monkeypatch, torch.device("cuda"))
 
 
 def test_bf16_replica_on_cuda_follows_the_policy():

@@ -424,25 +424,6 @@ def test_replica_equals_policy_after_a_step():
         assert not torch.equal(r, b) or p.dim() == 1  # it moved (norm weights barely do)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gpt_neox"])
-def test_decode_step_traces_as_one_graph(arch):
-    """The decode step (HF forward on the static cache + sampling) compiles without graph breaks, as CUDA-graph
-    replay needs (`torch.compile(fullgraph=True)`; the eager backend: tracing only, seconds)."""
-    from transformers import StaticCache
-    model = tiny_model(arch)
-    mask = torch.ones(3, 8, dtype=torch.long)
-    positions = (mask.cumsum(-1) - 1)
-    cache = StaticCache(config=model.config, max_cache_len=8)
-    step = torch.compile(generation.decode_step, backend="eager", fullgraph=True, dynamic=False)
-    with torch.no_grad():
-        model(input_ids=torch.tensor([[4, 5, 6]] * 3), attention_mask=mask, position_ids=positions[:, :3], cache=cache,
-              use_cache=True)
-        token = torch.tensor([7, 8, 9])
-        for t in range(3, 6):
-            token = step(model, token, positions[:, t], mask, cache, torch.rand(3, 1, dtype=torch.float64), 0.7, 1.0, 0)
-    assert token.shape == (3,)
-
-
 def test_update_dtype_auto_follows_the_precision_measurements(monkeypatch, capsys):
     """GR's finite difference needs fp32 (benchmarks/gr_precision.py); the other regimes update in bf16 on CUDA."""
     for device, reg, expected in (("cuda", "gr", "float32"), ("cuda", "kl", "bfloat16"), ("cuda", "none", "bfloat16"),
