@@ -99,27 +99,36 @@ def filter_logits(logits, top_p: float = 1.0, top_k: int = 0):
 
 def sample_token(logits, temperature, top_p: float = 1.0, top_k: int = 0, generator=None, uniforms=None):
     """One token per row from (N, V) logits at `temperature` (0 = argmax), after `filter_logits`. `uniforms`: (N, 1)
-    float64 draws in [0, 1) to use, else they are drawn from `generator`. In the compiled decode step `temperature`
-    is a 0-d tensor: greedy or not is then picked by `torch.where`, not by a branch that dynamo would specialise on,
-    so one graph serves every temperature (the same tokens: the same float32 division, the same draws)."""
+    float64 draws in [0, 1) to use, else they are drawn from `generator`."""
+    if uniforms is None and not (isinstance(temperature, float | int) and temperature == 0):
+        uniforms = torch.rand(logits.shape[0], 1, dtype=torch.float64, device=logits.device, generator=generator)
+    return sample_with_logprob(logits, temperature, top_p, top_k, uniforms)[0]
+
+
+def sample_with_logprob(logits, temperature, top_p: float, top_k: int, uniforms):
+    """(tokens (N,), their log-probs (N,) under the distribution they were drawn from): from (N, V) logits at
+    `temperature` after `filter_logits`, one uniform per row (N, 1); greedy rows (temperature 0) take the argmax, a
+    point mass: log-prob 0. In the compiled decode step `temperature` is a 0-d tensor: greedy or not is then picked
+    by `torch.where`, not by a branch that dynamo would specialise on, so one graph serves every temperature (the
+    same tokens: the same float32 division, the same draws)."""
     if isinstance(temperature, torch.Tensor):
         greedy = temperature == 0
-        sampled = inverse_cdf(filter_logits(logits / torch.where(greedy, 1.0, temperature), top_p, top_k), uniforms)
-        return torch.where(greedy, logits.argmax(-1), sampled)
+        sampled, logp = inverse_cdf(filter_logits(logits / torch.where(greedy, 1.0, temperature), top_p, top_k)
+                                    .softmax(-1), uniforms)
+        return torch.where(greedy, logits.argmax(-1), sampled), torch.where(greedy, 0.0, logp)
     if temperature == 0:
-        return logits.argmax(-1)
-    if uniforms is None:
-        uniforms = torch.rand(logits.shape[0], 1, dtype=torch.float64, device=logits.device, generator=generator)
-    return inverse_cdf(filter_logits(logits / temperature, top_p, top_k), uniforms)
+        return logits.argmax(-1), logits.new_zeros(logits.shape[0])
+    return inverse_cdf(filter_logits(logits / temperature, top_p, top_k).softmax(-1), uniforms)
 
 
-def inverse_cdf(logits, uniforms):
-    """(N,) tokens drawn from softmax(logits) (N, V) by inverse-CDF sampling with one uniform per row (N, 1): the same
-    categorical distribution as torch.multinomial, with one uniform per row instead of an exponential per vocabulary
-    entry (one CPU thread, 16 rows: 5.0 -> 1.8 ms at V = 8k, 82 -> 34 ms at V = 152k); float64 cumsum keeps tiny
-    probabilities exact; right=True never picks a p = 0 token."""
-    cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)
-    return torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+def inverse_cdf(probs, uniforms):
+    """(N,) tokens drawn from the distributions `probs` (N, V) by inverse-CDF sampling with one uniform per row
+    (N, 1), and their log-probs (N,): the same categorical distribution as torch.multinomial, with one uniform per
+    row instead of an exponential per vocabulary entry (one CPU thread, 16 rows: 5.0 -> 1.8 ms at V = 8k, 82 -> 34 ms
+    at V = 152k); float64 cumsum keeps tiny probabilities exact; right=True never picks a p = 0 token."""
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    tokens = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+    return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1).log()
 
 
 def completion_mask(completion, eos: torch.Tensor):
@@ -138,7 +147,8 @@ def has_eos(completion, eos_token_ids) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_ids, pad_token_id: int,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, generator=None, progress: str = ""):
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, generator=None, progress: str = "",
+             return_logprobs: bool = False):
     """Sample completions: one prefill forward, then one decode step per token on a static KV cache. temperature 0
     = greedy.
 
@@ -152,6 +162,8 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_i
     On an FSDP2-sharded model the blocks are gathered once for the whole decode and ranks stop together (every rank
     steps until all ranks are done), so uneven lengths cannot hang a collective; a replica decodes on its own.
     `progress`: a tqdm bar of that name over the decode steps on rank 0, shown if decoding lasts over 2 s.
+    `return_logprobs`: also return (N, T) the sampled tokens' log-probs under the distribution that drew them (the
+    rollout model's tempered, filtered softmax; 0 when greedy), read off the sampler at no extra forward.
     """
     from transformers import StaticCache
     device, (N, P) = prompt_ids.device, prompt_ids.shape
@@ -174,34 +186,38 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_i
     sampling = (torch.tensor(temperature, dtype=torch.float32, device=device) if step else temperature, top_p, top_k)
     step = step or decode_step
     tokens = torch.full((rows, T), pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros(rows, T, device=device)
     done = torch.arange(rows, device=device) >= N  # padding rows count as done
     for m in sharded:  # gather each block once, not once per decode step
         m.set_reshard_after_forward(False, recurse=False)
     try:
         logits = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions[:, :P], cache=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]
-        token = sample_token(logits.float(), temperature, top_p, top_k, uniforms=uniforms[0])
+        token, logp = sample_with_logprob(logits.float(), temperature, top_p, top_k, uniforms[0])
         every = sync_every(device)
         for t in tqdm(range(T), desc=progress, disable=not (progress and is_main()), delay=2, leave=False):
             token = torch.where(done, pad_token_id, token)
-            tokens[:, t] = token
+            tokens[:, t], logps[:, t] = token, logp
             done |= torch.isin(token, eos)
             if t + 1 == T or ((t + 1) % every == 0 and all_done(done, lockstep=bool(sharded))):
                 break
-            token = step(model, token, positions[:, P + t], mask, cache, uniforms[t + 1], *sampling)
+            token, logp = step(model, token, positions[:, P + t], mask, cache, uniforms[t + 1], *sampling)
     finally:
         for m in sharded:
             m.set_reshard_after_forward(True, recurse=False)  # fully_shard's default for non-root modules
         reshard(model)
     completion = tokens[:N, :t + 1]
+    if return_logprobs:
+        return completion, completion_mask(completion, eos), logps[:N, :t + 1]
     return completion, completion_mask(completion, eos)
 
 
 def decode_step(model, token, position, mask, cache, uniforms, temperature, top_p: float, top_k: int):
-    """One token per row: a forward of the last tokens (N,) at `position` (N,) on the cache, then sampling."""
+    """One token per row: a forward of the last tokens (N,) at `position` (N,) on the cache, then sampling: the next
+    tokens (N,) and their log-probs (N,)."""
     logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], cache=cache,
                    use_cache=True).logits[:, -1]
-    return sample_token(logits.float(), temperature, top_p, top_k, uniforms=uniforms)
+    return sample_with_logprob(logits.float(), temperature, top_p, top_k, uniforms)
 
 
 # ----------------------------------------------------------------------------- the compiled decode step

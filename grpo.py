@@ -425,10 +425,10 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
             # 2. generate G rollouts per prompt
             with timer("generate"), autocast(device, rollout_autocast):
                 prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [prompts[i] for i in picks], device)
-                completion, cmask = generate(rollout, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
-                                             eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                                             temperature=cfg.temperature, progress=f"step {step} generate",
-                                             generator=step_generator(cfg.seed, step, rank, device))
+                completion, cmask, sampler_logp = generate(
+                    rollout, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens, eos_token_ids=eos_ids,
+                    pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, return_logprobs=True,
+                    progress=f"step {step} generate", generator=step_generator(cfg.seed, step, rank, device))
             ended = has_eos(completion, eos_ids)
             texts = decode_completions(tokenizer, completion, cmask)
             # 3. score
@@ -437,6 +437,7 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
                 rewards = rewards.to(device, torch.float32)
             # 4. advantages (Dr.GRPO: group mean baseline, no std)
             batch = rl_batch(prompt_ids, prompt_mask, completion, cmask, group_advantages(rewards, cfg.group_size))
+            batch["sampler_logp"] = sampler_logp  # the rollout model's, for the mismatch and --tis-cap
             if ref is not None:
                 with timer("reference"), autocast(device, cfg.update_dtype):  # same precision as π_φ in the KL
                     batch["ref_logp"] = reference_logprobs(ref, batch, cfg.temperature, cfg.micro_batch_size)

@@ -470,3 +470,28 @@ def test_grad_checkpointing_recomputes_the_blocks_with_the_same_gradient_and_no_
     assert calls == [2, 4]  # 2 blocks, one micro-batch: forward, then forward again in backward
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_sampler_logprobs_from_generate_and_the_logged_mismatch():
+    """`generate(..., return_logprobs=True)` gives each sampled token's log-prob under the distribution that drew it.
+    When the rollout model is the fp32 policy itself, the learner's log-probs agree with them (ratio 1 up to float32
+    rounding: the decode step's kernels are not the full forward's); from a bf16 replica the logged mismatch is real."""
+    policy = tiny_model()
+    batch = rollout_batch(n=8, prompt_len=5, completion_len=1, group=4)
+    ids, mask = batch["input_ids"][:, :5], batch["attention_mask"][:, :5]
+    logged = {}
+    for name, rollout in (("fp32", policy), ("bf16", generation.rollout_model(policy, torch.bfloat16))):
+        completion, cmask, sampler_logp = generation.generate(
+            rollout, ids, mask, max_new_tokens=10, eos_token_ids=[3], pad_token_id=0, temperature=0.7,
+            generator=torch.Generator().manual_seed(0), return_logprobs=True)
+        assert sampler_logp.shape == completion.shape and (sampler_logp[cmask.bool()] < 0).all()
+        update = grpo.rl_batch(ids, mask, completion, cmask, torch.linspace(-1, 1, 8))
+        update["sampler_logp"] = sampler_logp
+        if name == "fp32":  # the sampler's log-probs are log_softmax(logits / T) of the policy, token by token
+            learner = grpo.reference_logprobs(policy, update, 0.7, 8)
+            torch.testing.assert_close(sampler_logp * cmask, learner * cmask, rtol=0, atol=1e-5)
+        logged[name] = grpo.train_step(policy, GradientRecorder(policy.parameters()), update, reg="none",
+                                       temperature=0.7, normalizer=80, micro_batch_size=8)
+    assert logged["fp32"]["sampler/ratio_max"] == pytest.approx(1, abs=1e-5)
+    assert logged["fp32"]["sampler/abs_logp_diff"] < 5e-6
+    assert logged["bf16"]["sampler/abs_logp_diff"] > 1e-3 and logged["bf16"]["sampler/ratio_max"] > 1.001
