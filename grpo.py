@@ -262,7 +262,8 @@ def validate(cfg: RLConfig, check_model: bool = True) -> None:
     if cfg.resume and cfg.overwrite:
         fail("--resume continues the run in --out-dir and --overwrite deletes it: pick one")
     cfg.allow_change = tuple(name.replace("-", "_") for name in cfg.allow_change)
-    if unknown := [n for n in cfg.allow_change if n not in {f.name for f in dataclasses.fields(cfg)}]:
+    flags = {f.name for f in dataclasses.fields(cfg)}
+    if unknown := [n for n in cfg.allow_change if n not in flags]:
         fail(f"--allow-change: no such flag {unknown}")
     if cfg.allow_change and not cfg.resume:
         fail("--allow-change applies to --resume")
