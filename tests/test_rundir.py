@@ -154,6 +154,16 @@ def test_resume_says_where_and_an_allowed_change_truly_applies(data, finished, t
     assert [c.name for c in rundir.checkpoints(run)] == ["ckpt-000003"]  # --keep-checkpoints is free to change
 
 
+def test_a_gr_run_resumed_as_reset_starts_its_reference_at_the_policy(data, finished, tmp_path):
+    """A GR checkpoint has no reference/: resumed with --reg reset (allowed), the reference starts as the resumed
+    policy, a reset at the resumed step, so the first resumed step's KL to it is 0 (from the initial model: > 0)."""
+    run = copy_of(finished[0], tmp_path)
+    train(data, run, "--resume", "--steps", "3", "--reg", "reset", "--allow-change", "reg", "--allow-change", "beta",
+          "--log-kl-init")
+    last = read_metrics(run)[-1]
+    assert last["step"] == 3 and last["kl"] == pytest.approx(0, abs=1e-9) and last["kl_init"] > 1e-6
+
+
 def plant_nan(file: Path, tensor: str) -> None:
     """0xFF over one tensor's bytes in a safetensors file (nan in any float format), the header intact."""
     raw = bytearray(file.read_bytes())
