@@ -196,6 +196,21 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def on_rank_0(decide):
+    """decide() on rank 0 alone (it may read and write files, print, or stop with `fail`), then every rank returns its
+    result or stops with its error: a decision about shared files made once, never rank by rank."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = decide()
+        except SystemExit as e:
+            error = e.code
+    result, error = all_gather_objects((result, error))[0]
+    if error is not None:
+        raise SystemExit(error)
+    return result
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -21,6 +21,7 @@ Writes a JSON summary (also printed). Under torchrun the problems are split acro
 """
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ MAX_NEW_TOKENS = {"gsm8k": 768, "math": 1024, "tldr": 106}  # the paper's output
 QUINTILES = ("00-20%", "20-40%", "40-60%", "60-80%", ">80%")
 TLDR_PROMPT_FIELDS, TLDR_REFERENCE_FIELDS = ("prompt", "query"), ("reference", "completion", "reference_response")
 TOY_GOLD = "toy"
+NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")  # a GSM8K gold answer, once `gsm8k_gold` removed "," and "$"
 
 
 @dataclass
@@ -88,6 +90,44 @@ def prompt_messages(task: str, row: dict, system_prompt: str | None) -> list[dic
     if task == "gsm8k":
         return gsm8k_messages(row["question"], system_prompt=system_prompt or None)
     return math_messages(row["problem"], system_prompt=system_prompt or None)
+
+
+def usable_rows(task: str, rows: list[dict], where: str) -> list[dict]:
+    """The GSM8K / MATH rows to train or evaluate on. GSM8K rows get "gold", the number after `####` in "answer"; a
+    row without one is an error naming it. Rows with an empty question are skipped, their count printed."""
+    if task == "gsm8k":
+        for i, row in enumerate(rows, 1):
+            answer = row["answer"] if isinstance(row["answer"], str) else ""
+            gold = gsm8k_gold(answer) if "####" in answer else None
+            if gold is None or not NUMBER.fullmatch(gold):
+                loading.fail(f"{where} row {i}: field 'answer' must end in '#### <number>' (the gold answer), got "
+                             f"{answer[-60:]!r}")
+            row["gold"] = gold
+    key = "question" if task == "gsm8k" else "problem"
+    kept = [r for r in rows if isinstance(r[key], str) and r[key].strip()]
+    if len(kept) < len(rows) and distributed.is_main():
+        print(f"{where}: skipped {len(rows) - len(kept)} of {len(rows)} rows with an empty {key!r}")
+    if not kept:
+        loading.fail(f"{where}: no row has a {key!r}")
+    return kept
+
+
+def short_rows(tokenizer, rows: list[dict], messages, max_tokens: int, what: str) -> list[dict]:
+    """The rows whose prompt (`messages(row)`, rendered) has at most `max_tokens` tokens; the training prompts' rule
+    (`loading.short_prompts`: the count dropped is printed)."""
+    keep = loading.short_prompts(tokenizer, [render_chat(tokenizer, messages(r)) for r in rows], max_tokens, what)
+    return [rows[i] for i in keep]
+
+
+def rows_in_context(tokenizer, model, rows: list[dict], messages, max_new_tokens: int) -> list[dict]:
+    """The rows whose prompt leaves room for `max_new_tokens` in the model's context (`short_rows`)."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is None:
+        return rows
+    if max_new_tokens >= context:
+        loading.fail(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                     f"{context} tokens")
+    return short_rows(tokenizer, rows, messages, context - max_new_tokens, "eval")
 
 
 def grade(task: str, rows: list[dict], completions: list[str]) -> list[float | None]:
@@ -175,6 +215,9 @@ def load_tldr_rows(dataset: str, split: str, prompt_field: str | None = None,
            if isinstance(row[p], str) and isinstance(row[r], str) and row[p].strip()]
     if not out:
         loading.fail(f"dataset {dataset!r} split {split!r} has no rows with a non-empty {p!r} and a {r!r} string")
+    if len(out) < len(rows) and distributed.is_main():
+        print(f"dataset {dataset!r} split {split!r}: skipped {len(rows) - len(out)} of {len(rows)} rows without a "
+              f"non-empty {p!r} and a {r!r} string")
     return out
 
 
@@ -413,8 +456,16 @@ def policy_gradient_norm(model, tokenizer, rows: list[dict], proxy, *, prompts: 
 
 # ----------------------------------------------------------------------------- command line
 
+def validate(cfg: EvalConfig) -> None:
+    """The flags' ranges, before anything loads."""
+    cfg.max_new_tokens = MAX_NEW_TOKENS[cfg.task] if cfg.max_new_tokens is None else cfg.max_new_tokens
+    loading.check_ranges(cfg, positive=("max_new_tokens", "batch_size", "temperature"),
+                         non_negative=("limit", "samples", "eval_pairs", "sharpness_sigma", "sharpness_perturbations",
+                                       "sharpness_prompts"))
+
+
 def evaluate(cfg: EvalConfig) -> dict:
-    cfg.max_new_tokens = cfg.max_new_tokens or MAX_NEW_TOKENS[cfg.task]
+    validate(cfg)
     summary = evaluate_tldr(cfg) if cfg.task == "tldr" else evaluate_reasoning(cfg)
     if distributed.is_main():
         print(json.dumps(summary, indent=2))
@@ -426,6 +477,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 def evaluate_reasoning(cfg: EvalConfig) -> dict:
     dataset, config, fields = TASKS[cfg.task]
     rows = loading.load_rows(cfg.dataset or dataset, cfg.split, fields, config)[:cfg.limit or None]
+    rows = usable_rows(cfg.task, rows, f"dataset {cfg.dataset or dataset!r} split {cfg.split!r}")
     base = None
     if cfg.base_results:
         if cfg.task != "math":
@@ -434,12 +486,15 @@ def evaluate_reasoning(cfg: EvalConfig) -> dict:
         if not base:
             loading.fail(f"{cfg.base_results} has no per_category accuracies (write it with this script on MATH)")
     loading.check_model_path(cfg.checkpoint, "--checkpoint")
+    loading.check_weights(cfg.checkpoint, "--checkpoint")
     rank, world, device = distributed.init_distributed()
     tokenizer = loading.load_tokenizer(cfg.checkpoint)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     policy = distributed.shard(loading.load_model(cfg.checkpoint, device))
     model = generation.rollout_model(policy, getattr(torch, dtype), replica=cfg.rollout_replica)
     del policy  # with a replica, the fp32 shards are dropped once copied
+    rows = rows_in_context(tokenizer, model, rows, lambda r: prompt_messages(cfg.task, r, cfg.system_prompt),
+                           cfg.max_new_tokens)
     common = dict(system_prompt=cfg.system_prompt, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     with distributed.autocast(device, dtype):
         greedy = pass_at_1(model, tokenizer, cfg.task, rows, **common)
@@ -465,12 +520,14 @@ def evaluate_tldr(cfg: EvalConfig, grad_norm: bool = True) -> dict:
         loading.check_model_path(name, what)
     if cfg.gold_rm != TOY_GOLD:
         loading.check_model_path(cfg.gold_rm, "--gold-rm")
+    loading.check_weights(cfg.checkpoint, "--checkpoint")
     rows = load_tldr_rows(cfg.dataset or TASKS["tldr"][0], cfg.split)[:cfg.limit or None]
     rank, world, device = distributed.init_distributed()
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     rm_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     tokenizer = loading.load_tokenizer(cfg.checkpoint)
     policy = distributed.shard(loading.load_model(cfg.checkpoint, device))
+    rows = rows_in_context(tokenizer, policy, rows, tldr_messages, cfg.max_new_tokens)
     rollout = generation.rollout_model(policy, getattr(torch, dtype), replica=cfg.rollout_replica)
     init_model = distributed.shard(loading.load_model(cfg.reference_model, device)).requires_grad_(False)
     rm = loading.load_reward_model(cfg.proxy_rm, device, pad_token_id=tokenizer.pad_token_id, dtype=rm_dtype)

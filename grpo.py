@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -24,10 +25,11 @@ from distributed import (all_reduce_max, all_reduce_sum, autocast, gradient_sync
 from generation import (decode_completions, generate, has_eos, position_ids, prepare_decode, refresh_rollout_model,
                         rollout_model, tokenize_prompts)
 from gr import clip_, gr_backward, local_shard
-from loading import check_model_path, eos_token_ids, fail, load_model, load_tokenizer
+from loading import check_model_path, check_ranges, eos_token_ids, fail, load_model, load_tokenizer, short_prompts
 from rewards import render_chat
-from rundir import (TRACKER_PACKAGES, Timer, check_trackers, duration, latest_checkpoint, load_trainer_state,
-                    log_jsonl, open_trackers, save_checkpoint, write_summary)
+from rundir import (TRACKER_PACKAGES, Timer, check_run_flags, check_trackers, claim_out_dir, duration, load_trainer_state,
+                    log_jsonl, open_trackers, release_dir, restart_metrics, resume_point, save_checkpoint,
+                    write_atomic, write_summary)
 
 REGS = ("none", "kl", "reset", "gr")
 
@@ -158,7 +160,8 @@ def train_step(model, optimizer, batch: dict, *, reg: str, temperature: float, n
     them, to log the sampler/learner mismatch and, with `tis_cap` > 0, weight each token by
     min(π_φ/π_sampler, tis_cap). `gr_importance_weights`: GR's second pass, at φ + ε·g1 on the same actions, also
     weights each token by π_{φ+εg1}/π_φ (the correction the paper calls unnecessary, §5). Returns metrics averaged
-    over ranks. Raises FloatingPointError (naming `step`) before the update if the loss or gradient is not finite.
+    over ranks. Raises FloatingPointError (naming `step`, and which of the loss and the gradient norm) before the
+    update if either is not finite.
     """
     if reg not in REGS:
         raise ValueError(f"reg must be one of {REGS}, got {reg!r}")
@@ -217,8 +220,10 @@ def train_step(model, optimizer, batch: dict, *, reg: str, temperature: float, n
     sums = all_reduce_sum(torch.stack([loss.float(), tokens, *stats.values()]))  # global: every rank decides alike
     loss_sum, tokens, *token_sums, grad_norm = torch.cat([sums, grad_norm.float().reshape(1)]).tolist()
     loss_value = loss_sum / rank_and_world()[1]
-    if not (np.isfinite(loss_value) and np.isfinite(grad_norm)):
-        raise FloatingPointError(f"step {step}: non-finite loss ({loss_value}) or gradient norm ({grad_norm}); stopping")
+    non_finite = [f"{name} ({v})" for name, v in (("loss", loss_value), ("gradient norm", grad_norm))
+                  if not np.isfinite(v)]
+    if non_finite:
+        raise FloatingPointError(f"step {step}: non-finite {' and '.join(non_finite)}; stopping")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     metrics.update(loss=loss_value, grad_norm=grad_norm, **{k: v / tokens for k, v in zip(stats, token_sums)})
@@ -283,25 +288,43 @@ class RLConfig:
                                                                 "step (one more forward; free with --reg kl)"})
     eval_every: int = field(default=50, metadata={"help": "steps between evals (0 = only at the end)"})
     eval_limit: int = field(default=0, metadata={"help": "eval on the first N test rows (0 = all)"})
-    save_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
-    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out-dir"})
+    save_every: int = field(default=100, metadata={"help": "steps between checkpoints (and one at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "the newest K checkpoints are kept, older ones deleted"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run in --out-dir from its newest checkpoint that loads; the flags that define the "
+                "experiment must be the run's (config.json)"})
+    allow_change: tuple = field(default=(), metadata={
+        "help": "with --resume: a flag that defines the experiment whose new value applies from the resumed step "
+                "(e.g. lr)", "repeatable": True})
+    overwrite: bool = field(default=False, metadata={"help": "delete the run in --out-dir and start afresh (without "
+                                                            "it, a fresh run into a dir that holds one stops)"})
     seed: int = field(default=0, metadata={"help": "seed; each step's sampling is a function of (seed, step, rank)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model repos to run their own code"})
     report_to: tuple = field(default=("none",), metadata={
         "help": "experiment tracker(s) that also receive metrics.jsonl's records (rank 0)", "repeatable": True,
         "choices": ("none", *TRACKER_PACKAGES)})
+    # What a --resume may change: when the run evaluates, saves and logs, and how it computes (batching, precision,
+    # memory). Every other flag defines the experiment and must be the run's, unless --allow-change names it; a
+    # script's own flags define it too, unless its Config adds them here.
+    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (
+        "out_dir", "steps", "eval_every", "save_every", "keep_checkpoints", "resume", "allow_change", "overwrite",
+        "report_to", "log_kl_init", "micro_batch_size", "gen_batch_size", "dtype", "update_dtype", "rollout_replica",
+        "cuda_graphs", "grad_checkpointing", "trust_remote_code")
 
 
 def validate(cfg: RLConfig, check_model: bool = True) -> None:
     """Cheap checks of the flags, before anything is loaded (`check_model=False` when the caller builds it)."""
+    check_ranges(cfg, positive=("steps", "prompts_per_step", "max_new_tokens", "max_prompt_tokens", "temperature", "lr",
+                                "reset_every", "max_grad_norm", "micro_batch_size", "gen_batch_size", "save_every",
+                                "keep_checkpoints"),
+                 non_negative=("beta", "gamma", "eps", "eval_every", "eval_limit"))
+    check_run_flags(cfg)
     if cfg.reg == "gr" and cfg.eps <= 0:
         fail(f"--reg gr needs --eps > 0 (got {cfg.eps}): the finite difference divides by ε")
     if cfg.beta is None:
         cfg.beta = 0.3 if cfg.reg == "reset" else 0.05  # Tables 6-7, 9
     if cfg.reg in ("kl", "reset") and cfg.beta <= 0:
         fail(f"--reg {cfg.reg} needs --beta > 0 (got {cfg.beta})")
-    if cfg.reg == "reset" and cfg.reset_every <= 0:
-        fail(f"--reset-every must be > 0 (got {cfg.reset_every})")
     if cfg.group_size < 2:
         fail(f"--group-size must be ≥ 2 for a group baseline (got {cfg.group_size})")
     if cfg.tis_cap < 0:
@@ -327,17 +350,6 @@ def validate(cfg: RLConfig, check_model: bool = True) -> None:
         check_model_path(cfg.model)
 
 
-def short_prompts(tokenizer, prompts: list[str], max_tokens: int, what: str) -> list[int]:
-    """Indices of the prompts of at most `max_tokens` tokens; prints how many were dropped, fails if none is left."""
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    keep = [i for i, n in enumerate(lengths) if n <= max_tokens]
-    if len(keep) < len(prompts) and is_main():
-        print(f"{what}: dropped {len(prompts) - len(keep)} of {len(prompts)} prompts longer than {max_tokens} tokens")
-    if not keep:
-        fail(f"{what}: every prompt is longer than --max-prompt-tokens {max_tokens}")
-    return keep
-
-
 def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None) -> dict:
     """The RL loop. `make_prompt(row) -> chat messages`; `score(rows, completions, has_eos) -> (rewards (N,),
     {term: (N,)})`, terms logged as means (a "true_reward" term is the hacking signal where known);
@@ -348,11 +360,9 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
         keep_freed_memory()
     main = rank == 0
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)  # one writer, never over another run's files
     seed_everything(cfg.seed)
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and ckpt is None and main:
-        print(f"--resume: no checkpoint in {out}, starting from {cfg.model}")
+    ckpt = resume_point(out, cfg, free=cfg.FREE_ON_RESUME, allowed=cfg.allow_change) if cfg.resume else None
 
     tokenizer = load_tokenizer(str(ckpt or cfg.model), cfg.trust_remote_code)
     prompts = [render_chat(tokenizer, make_prompt(r)) for r in rows]
@@ -368,7 +378,9 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
                               grad_checkpointing=cfg.grad_checkpointing), param_dtype)
     ref = None
     if cfg.reg in ("kl", "reset"):
-        ref_path = ckpt / "reference" if ckpt is not None and cfg.reg == "reset" else cfg.model
+        ref_path = cfg.model
+        if ckpt is not None and cfg.reg == "reset":  # no reference/ (--allow-change reg): reset to the policy now
+            ref_path = ckpt / "reference" if (ckpt / "reference").exists() else ckpt
         ref = shard(load_model(ref_path, device, trust_remote_code=cfg.trust_remote_code), param_dtype)
         ref.requires_grad_(False)
     init = None
@@ -377,7 +389,11 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
                                                  param_dtype)
         init.requires_grad_(False)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    start = load_trainer_state(ckpt, policy, optimizer) if ckpt is not None else 0
+    start = 0
+    if ckpt is not None:
+        start = load_trainer_state(ckpt, policy, optimizer)
+        for group in optimizer.param_groups:  # the state holds the run's lr; --lr (with --allow-change lr) applies
+            group["lr"] = cfg.lr
     rollout = rollout_model(policy, getattr(torch, cfg.dtype), replica=cfg.rollout_replica, cuda_graphs=cfg.cuda_graphs)
     rollout_autocast = None if rollout is not policy else cfg.dtype  # a replica holds its weights in --dtype already
     decode = prepare_decode(rollout, max(cfg.prompts_per_step // world * cfg.group_size, cfg.gen_batch_size),
@@ -390,18 +406,17 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
         print(f"rollouts: {what} ({size:.3f} GiB of weights), {decode}; update passes: {updates}")
     eos_ids = eos_token_ids(tokenizer, policy)
     metrics_path = out / "metrics.jsonl"
-    if main:  # a resumed run rewrites the steps after its checkpoint
-        old = metrics_path.read_text().splitlines() if start and metrics_path.exists() else []
-        metrics_path.write_text("".join(l + "\n" for l in old if json.loads(l)["step"] < start))
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if main:
+        restart_metrics(out, start)
+        write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     track, close_trackers = open_trackers(cfg.report_to, dataclasses.asdict(cfg), out)
     per_rank = cfg.prompts_per_step // world
     normalizer = per_rank * cfg.group_size * cfg.max_new_tokens  # Dr.GRPO: sequences × max completion length
     last_eval = {}
-    if evaluate is not None and start == 0:  # the starting point, logged as step -1
+    if evaluate is not None and start == 0:  # the starting point: step 0, before any update
         with autocast(device, cfg.dtype):
             last_eval = evaluate(rollout, tokenizer, 0)
-        record = {"step": -1, **{f"eval/{k}": v for k, v in last_eval.items()}}
+        record = {"step": 0, **{f"eval/{k}": v for k, v in last_eval.items()}}
         log_jsonl(metrics_path, record)
         track(record)
         if main:
@@ -413,9 +428,10 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
         close_trackers()
         write_summary(out, stopped=stopped, seconds=time.time() - t_start,
                       sequences_per_step=cfg.prompts_per_step * cfg.group_size)
+        release_dir(out)
 
     try:
-        for step in range(start, cfg.steps):
+        for step in range(start, cfg.steps):  # step: updates done before this one; its record, eval, ckpt: step + 1
             timer = Timer()
             # 1. sample prompts: the same global batch on every rank, a function of (seed, step)
             torch.manual_seed(step_seed(cfg.seed, step, rank))  # so is any sampling inside `score` (e.g. a judge)
@@ -428,7 +444,7 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
                 completion, cmask, sampler_logp = generate(
                     rollout, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens, eos_token_ids=eos_ids,
                     pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, return_logprobs=True,
-                    progress=f"step {step} generate", generator=step_generator(cfg.seed, step, rank, device))
+                    progress=f"step {step + 1} generate", generator=step_generator(cfg.seed, step, rank, device))
             ended = has_eos(completion, eos_ids)
             texts = decode_completions(tokenizer, completion, cmask)
             # 3. score
@@ -451,7 +467,7 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
                                    normalizer=normalizer, micro_batch_size=cfg.micro_batch_size, beta=cfg.beta,
                                    kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, eps=cfg.eps,
                                    max_grad_norm=cfg.max_grad_norm, tis_cap=cfg.tis_cap,
-                                   gr_importance_weights=cfg.gr_importance_weights, step=step)
+                                   gr_importance_weights=cfg.gr_importance_weights, step=step + 1)
                 refresh_rollout_model(rollout, policy)
             if cfg.reg == "reset" and (step + 1) % cfg.reset_every == 0:
                 reset_reference(ref, policy)
@@ -461,7 +477,7 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
             means = {"reward": rewards, **{f"rewards/{k}": v.to(device, torch.float32) for k, v in terms.items()},
                      "completion_length": cmask.sum(1).float(), "clipped_ratio": (~ended).float()}
             sums = all_reduce_sum(torch.stack([v.float().mean() for v in means.values()]))
-            record = {"step": step, **{k: v / world for k, v in zip(means, sums.tolist())}, **stats, **timer.times}
+            record = {"step": step + 1, **{k: v / world for k, v in zip(means, sums.tolist())}, **stats, **timer.times}
             eval_now = (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps
             if evaluate is not None and eval_now:
                 with timer("eval"), autocast(device, cfg.dtype):
@@ -476,7 +492,8 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
                                if not k.startswith(("time/", "rewards/")))
                       + f" elapsed={duration(elapsed)} eta={duration(eta)}", flush=True)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(out, step + 1, policy, optimizer, tokenizer, ref if cfg.reg == "reset" else None)
+                save_checkpoint(out, step + 1, policy, optimizer, tokenizer, ref if cfg.reg == "reset" else None,
+                                keep=cfg.keep_checkpoints)
     except FloatingPointError as e:  # the non-finite stop: every rank raises it alike; the summary says so
         finish(str(e))
         raise

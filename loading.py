@@ -4,6 +4,7 @@
 import argparse
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -46,11 +47,59 @@ def parse_config(cls, argv=None, presets: dict[str, dict] | None = None):
     return cls(**args)
 
 
+def check_ranges(cfg, *, positive=(), non_negative=()) -> None:
+    """One `error:` line for the first of these flags out of its range (nan and inf included), before anything loads;
+    a flag left None is filled in later from its default."""
+    for names, ok, bound in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            value = getattr(cfg, name)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                fail(f"--{name.replace('_', '-')} must be {bound}, got {value}")
+
+
+def is_hub_id(name: str) -> bool:
+    """`org/name` that is not a local path: what the hub is asked for."""
+    return not name.startswith((".", "/", "~")) and name.count("/") == 1 and not Path(name).expanduser().exists()
+
+
 def check_model_path(name_or_path: str, what: str = "--model") -> None:
     """A local path must exist; anything else is treated as a hub id (`org/name`)."""
-    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
-    if (looks_local or name_or_path.count("/") != 1) and not Path(name_or_path).expanduser().exists():
+    if not is_hub_id(name_or_path) and not Path(name_or_path).expanduser().exists():
         fail(f"{what} {name_or_path!r}: no such directory (and not a hub id of the form org/name)")
+
+
+def cannot_load(what: str, name, error: Exception):
+    """The one line of a failed load: "(offline? wrong id?)" for a hub id only; "no such file or directory" for a local
+    path that does not exist; the loader's reason for one that does."""
+    name, cause = str(name), error.__cause__ or error
+    reason = (str(cause).splitlines() or [type(cause).__name__])[0]
+    if is_hub_id(name):
+        fail(f"cannot load {what} {name!r} (offline? wrong id?): {reason}")
+    if not Path(name).expanduser().exists():
+        fail(f"{what} {name!r}: no such file or directory")
+    fail(f"cannot load {what} {name!r}: {reason}")
+
+
+def weights_problem(path) -> str | None:
+    """Why the safetensors weights of the HF dir `path` cannot be used (None if they can, or if it has none): a file
+    that does not read, or a tensor with a non-finite value, named."""
+    from safetensors import SafetensorError, safe_open
+    for file in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(file, "pt") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    if t.is_floating_point() and not torch.isfinite(t).all():
+                        return f"{file.name}: tensor {name} has non-finite values"
+        except (OSError, SafetensorError) as e:
+            return f"{file.name}: {str(e).splitlines()[0]}"
+    return None
+
+
+def check_weights(path: str, what: str) -> None:
+    """A local model dir whose weights are unreadable or not finite is one `error:` line, before it is loaded."""
+    if Path(path).is_dir() and (problem := weights_problem(path)):
+        fail(f"{what} {path}: {problem}")
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -61,8 +110,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     try:  # AutoTokenizer would swap a generic tokenizer (our toys') for the model type's class
         tok = (PreTrainedTokenizerFast if generic else AutoTokenizer).from_pretrained(
             name_or_path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        fail(f"cannot load tokenizer {name_or_path!r} (offline? wrong id?): {str(e).splitlines()[0]}")
+    except (OSError, ValueError) as e:  # ValueError: a dir without tokenizer files
+        cannot_load("tokenizer", name_or_path, e)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # prompts are left-padded so completions start at the same column
@@ -76,8 +125,8 @@ def load_model(name_or_path, device, *, dtype=torch.float32, trust_remote_code: 
     cls = cls or AutoModelForCausalLM
     try:
         model = cls.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        fail(f"cannot load model {str(name_or_path)!r} (offline? wrong id?): {str(e).splitlines()[0]}")
+    except (OSError, ValueError) as e:  # ValueError: a dir without a model config
+        cannot_load("model", name_or_path, e)
     model = model.to(device).eval()
     if grad_checkpointing:
         checkpoint_activations(model)
@@ -103,7 +152,7 @@ def load_reward_model(name_or_path, device, *, pad_token_id: int, dtype=torch.fl
         rm = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=dtype,
                                                                 trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        fail(f"cannot load reward model {str(name_or_path)!r}: {str(e).splitlines()[0]}")
+        cannot_load("reward model", name_or_path, e)
     rm.config.pad_token_id = pad_token_id
     return rm.to(device).eval()
 
@@ -127,15 +176,38 @@ def load_rows(dataset: str, split: str, fields: tuple[str, ...], config: str | N
                 fail(f"dataset file {dataset!r} does not exist")
             if path.stat().st_size == 0:  # datasets raises a bare StopIteration on an empty file
                 fail(f"dataset {dataset!r} is empty")
+            if path.suffix != ".parquet":
+                check_utf8(path)
             kind = {".jsonl": "json"}.get(path.suffix, path.suffix[1:])
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         else:
             ds = datasets.load_dataset(dataset, config, split=split)
-    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
-        fail(f"cannot load dataset {dataset!r} split {split!r} (offline? wrong id?): {str(e).splitlines()[0]}")
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+        cannot_load("dataset", dataset, e)
     if len(ds) == 0:
         fail(f"dataset {dataset!r} split {split!r} is empty")
     missing = [f for f in fields if f not in ds.column_names]
     if missing:
         fail(f"dataset {dataset!r} lacks field(s) {missing}; it has {ds.column_names}")
     return list(ds)
+
+
+def check_utf8(path: Path) -> None:
+    """A text file that is not UTF-8 is one `error:` line naming its first bad line and byte."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                fail(f"dataset {str(path)!r} line {n}: not UTF-8 (byte {line[e.start]:#04x} at column {e.start + 1})")
+
+
+def short_prompts(tokenizer, prompts: list[str], max_tokens: int, what: str) -> list[int]:
+    """Indices of the prompts of at most `max_tokens` tokens; prints how many were dropped, fails if none is left."""
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    keep = [i for i, n in enumerate(lengths) if n <= max_tokens]
+    if len(keep) < len(prompts) and int(os.environ.get("RANK", "0")) == 0:  # rank 0 (torchrun sets RANK)
+        print(f"{what}: dropped {len(prompts) - len(keep)} of {len(prompts)} prompts longer than {max_tokens} tokens")
+    if not keep:
+        fail(f"{what}: every prompt is longer than {max_tokens} tokens")
+    return keep

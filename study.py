@@ -80,7 +80,8 @@ def run_one(cfg: StudyConfig, task: str, name: str, flags: list[str], seed: int)
     where = ["--rl-dir", str(out)] if task == "rm" else ["--out-dir", str(out)]  # rm runs share the toy's sft/, rm/
     cmd = [sys.executable, spec["script"], *spec["args"], *flags, *where, "--seed", str(seed), "--steps", str(steps),
            "--reset-every", str(cfg.reset_every), "--eval-every", str(min(spec["eval_every"], steps)),
-           "--save-every", str(steps), *([] if "--lr" in flags else ["--lr", str(spec["lr"])]), *cfg.extra.split()]
+           "--save-every", str(steps), *([] if "--lr" in flags else ["--lr", str(spec["lr"])]), *cfg.extra.split(),
+           "--overwrite"]  # an unfinished run (no `done`) from an interrupted study is redone
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{task}/{name} seed {seed} failed:\n{' '.join(cmd)}\n{proc.stderr[-3000:]}")
@@ -103,7 +104,7 @@ def summarize(run: Path, spec: dict) -> dict:
     """One run: final/best true reward (10-step moving averages), final proxy, KL to init, the step where the true
     reward fell 0.1 below its best, GR's mean correction ratio, and the last eval's sharpness and proxy accuracy."""
     records = load_metrics(run)
-    rows = [r for r in records if r["step"] >= 0 and spec["true"] in r]
+    rows = [r for r in records if r["step"] > 0 and spec["true"] in r]
     true, proxy = moving_average([r[spec["true"]] for r in rows]), moving_average([r[spec["proxy"]] for r in rows])
     best = max(range(len(true)), key=true.__getitem__)
     evals = [r for r in records if "eval/sharpness" in r]
@@ -145,7 +146,7 @@ def plot(task: str, spec: dict, runs: dict[str, list[Path]], out: Path) -> list[
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for name, paths in runs.items():
         for k, path in enumerate(paths):
-            rows = [r for r in load_metrics(path) if r["step"] >= 0 and "kl_init" in r]
+            rows = [r for r in load_metrics(path) if r["step"] > 0 and "kl_init" in r]
             ax.plot([r["kl_init"] for r in rows], moving_average([r[spec["true"]] for r in rows]), color=colors[name],
                     alpha=0.8, linewidth=1, label=name if k == 0 else None)
     ax.set(xlabel="KL to the initial policy", ylabel=f"true reward ({spec['true']})",

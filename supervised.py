@@ -36,9 +36,10 @@ def supervised_train(model, loss_fn, steps: int, *, lr: float, schedule=None, we
         sums = all_reduce_sum(torch.stack([v.detach().float().reshape(()) for v in out.values()])).tolist()
         values = {k: v / world if k == "loss" else v for k, v in zip(out, sums)}
         norm = grad_norm.item()
-        if not (np.isfinite(values["loss"]) and np.isfinite(norm)):
-            raise FloatingPointError(f"{name} step {step}: non-finite loss ({values['loss']}) or gradient norm "
-                                     f"({norm}); stopping")
+        non_finite = [f"{what} ({v})" for what, v in (("loss", values["loss"]), ("gradient norm", norm))
+                      if not np.isfinite(v)]
+        if non_finite:
+            raise FloatingPointError(f"{name} step {step + 1}: non-finite {' and '.join(non_finite)}; stopping")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

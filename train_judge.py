@@ -15,6 +15,7 @@ paper's one-shot example is not published, so ours is GSM8K train example 0 (rew
 """
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -43,6 +44,7 @@ class Config(grpo.RLConfig):
                                                                       "over this many perturbations (0: off)"})
     sharpness_sigma: float = field(default=0.02, metadata={"help": "perturbation std relative to each tensor's RMS"})
     sharpness_prompts: int = field(default=32, metadata={"help": "prompts of the sharpness objective J"})
+    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (*grpo.RLConfig.FREE_ON_RESUME, "judge_batch_size")
 
 
 PRESETS = {
@@ -56,24 +58,30 @@ FORMAT_TERMS = ("int_format", "strict_format", "soft_format", "xml_count")
 def main(cfg: Config):
     toy_models = {str(toy.GSM8K_POLICY), str(toy.judge_path())}
     grpo.validate(cfg, check_model=cfg.model not in toy_models)
+    loading.check_ranges(cfg, positive=("judge_batch_size", "judge_max_new_tokens"),
+                         non_negative=("eval_pairs", "sharpness_perturbations", "sharpness_sigma", "sharpness_prompts"))
     if cfg.judge not in toy_models:
         loading.check_model_path(cfg.judge, "--judge")
     if cfg.model in toy_models or cfg.judge in toy_models:  # built on first use, after the flags are checked
         toy.wait_or_build(toy.build_gsm8k_judge, toy.judge_path() / "model.safetensors")
-    train = loading.load_rows(cfg.dataset, "train", ("question", "answer"), "main")
-    test = loading.load_rows(cfg.test_dataset or cfg.dataset, "test", ("question", "answer"), "main")
+    test_name = cfg.test_dataset or cfg.dataset
+    train = evaluation.usable_rows("gsm8k", loading.load_rows(cfg.dataset, "train", ("question", "answer"), "main"),
+                                   f"dataset {cfg.dataset!r} split 'train'")
+    test = evaluation.usable_rows("gsm8k", loading.load_rows(test_name, "test", ("question", "answer"), "main"),
+                                  f"dataset {test_name!r} split 'test'")
+    system = cfg.system_prompt or None
+
+    def make_prompt(row):
+        return evaluation.prompt_messages("gsm8k", row, system)
+
+    tokenizer = loading.load_tokenizer(cfg.model, cfg.trust_remote_code)  # eval prompts: the training prompts' limit
+    test = evaluation.short_rows(tokenizer, test, make_prompt, cfg.max_prompt_tokens, "eval")
     test = test[:cfg.eval_limit] if cfg.eval_limit else test
-    for r in train:
-        r["gold"] = gsm8k_gold(r["answer"])
     _, _, device = distributed.init_distributed()
     judge_tokenizer = loading.load_tokenizer(cfg.judge, cfg.trust_remote_code)
     judge_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     judge = loading.load_model(cfg.judge, device, dtype=judge_dtype, trust_remote_code=cfg.trust_remote_code)
     judge.requires_grad_(False)
-    system = cfg.system_prompt or None
-
-    def make_prompt(row):
-        return evaluation.prompt_messages("gsm8k", row, system)
 
     def score(rows, completions, has_eos):
         judged, failures = judge_rewards(judge, judge_tokenizer, [r["question"] for r in rows], completions,

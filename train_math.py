@@ -13,6 +13,7 @@ default for --reg kl (Table 9), not for the other regimes. The correctness term 
 """
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -21,8 +22,7 @@ import eval as evaluation
 import grpo
 import loading
 import toy
-from rewards import (GSM8K_REWARD_KEYS, QWEN_SYSTEM_PROMPT, grader_pool, gsm8k_gold, gsm8k_rewards,
-                     math_rewards_batch)
+from rewards import GSM8K_REWARD_KEYS, QWEN_SYSTEM_PROMPT, grader_pool, gsm8k_rewards, math_rewards_batch
 
 
 PROMPTS_PER_STEP = {"gsm8k": 32, "math": 128}  # × 8 rollouts = 256 / 1024 sequences per step (Tables 8-9)
@@ -44,6 +44,7 @@ class Config(grpo.RLConfig):
                              "paper's 256 / 1024 sequences)"})
     max_new_tokens: int = field(default=None, metadata={
         "type": int, "help": "completion length, also the loss normaliser; default by --task: gsm8k 768, math 1024"})
+    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (*grpo.RLConfig.FREE_ON_RESUME, "grader_workers")
 
 
 PRESETS = {
@@ -65,14 +66,15 @@ def resolve_task_defaults(cfg: Config) -> Config:
 
 
 def load_task(cfg: Config):
-    """Train rows (with the parsed gold answer) and test rows; MATH rows with an unparsable gold are dropped."""
+    """Train and test rows (`evaluation.usable_rows`: GSM8K rows with their gold answer); MATH training rows with an
+    unparsable gold are dropped."""
     dataset, config, fields = evaluation.TASKS[cfg.task]
-    train = loading.load_rows(cfg.dataset or dataset, "train", fields, config)
-    test = loading.load_rows(cfg.test_dataset or cfg.dataset or dataset, "test", fields, config)
-    if cfg.task == "gsm8k":
-        for r in train:
-            r["gold"] = gsm8k_gold(r["answer"])
-    else:
+    train_name, test_name = cfg.dataset or dataset, cfg.test_dataset or cfg.dataset or dataset
+    train = evaluation.usable_rows(cfg.task, loading.load_rows(train_name, "train", fields, config),
+                                   f"dataset {train_name!r} split 'train'")
+    test = evaluation.usable_rows(cfg.task, loading.load_rows(test_name, "test", fields, config),
+                                  f"dataset {test_name!r} split 'test'")
+    if cfg.task == "math":
         ok = [g is not None for g in math_rewards_batch([""] * len(train), [r["solution"] for r in train])]
         if not all(ok):
             print(f"skipping {ok.count(False)} MATH training problems whose gold answer math-verify cannot parse")
@@ -84,16 +86,20 @@ def main(cfg: Config):
     resolve_task_defaults(cfg)
     toy_policy = cfg.model == str(toy.GSM8K_POLICY)
     grpo.validate(cfg, check_model=not toy_policy)
+    loading.check_ranges(cfg, non_negative=("grader_workers",))
     if toy_policy:  # built on first use, after the flags are checked
         toy.wait_or_build(toy.build_gsm8k_policy, toy.GSM8K_POLICY / "model.safetensors")
     train, test = load_task(cfg)
-    test = test[:cfg.eval_limit] if cfg.eval_limit else test
     system = cfg.system_prompt or None
 
     graders = grader_pool(cfg.grader_workers if cfg.task == "math" else 0)  # one pool for the whole run
 
     def make_prompt(row):
         return evaluation.prompt_messages(cfg.task, row, system)
+
+    tokenizer = loading.load_tokenizer(cfg.model, cfg.trust_remote_code)  # eval prompts: the training prompts' limit
+    test = evaluation.short_rows(tokenizer, test, make_prompt, cfg.max_prompt_tokens, "eval")
+    test = test[:cfg.eval_limit] if cfg.eval_limit else test
 
     def score(rows, completions, has_eos):
         if cfg.task == "gsm8k":

@@ -35,9 +35,11 @@ pairs; RL against it first raises the gold reward, then learns to name important
 import dataclasses
 import gc
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -95,6 +97,7 @@ class Config(grpo.RLConfig):
     gamma: float = field(default=1e-2, metadata={"help": "GR strength γ (paper tunes 1e-3, 1e-2, 1e-1)"})
     eval_limit: int = field(default=256, metadata={"help": "eval on the first N test prompts (0 = all)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
+    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (*grpo.RLConfig.FREE_ON_RESUME, "stage", "threads", "gold_batch_size")
 
 
 PRESETS = {
@@ -124,8 +127,7 @@ def render(tokenizer, row: dict) -> str:
 
 
 def short_enough(rows: list[dict], tokenizer, max_prompt_tokens: int, what: str) -> list[dict]:
-    keep = grpo.short_prompts(tokenizer, [render(tokenizer, r) for r in rows], max_prompt_tokens, what)
-    return [rows[i] for i in keep]
+    return evaluation.short_rows(tokenizer, rows, evaluation.tldr_messages, max_prompt_tokens, what)
 
 
 def rm_dtype(cfg) -> torch.dtype:
@@ -363,6 +365,10 @@ def check_inputs(cfg: Config) -> None:
     if "rl" in stages and "rm" not in stages and not (Path(cfg.rm_dir) / "config.json").exists():
         loading.fail(f"--rm-dir {cfg.rm_dir!r} has no reward model: run --stage rm first (or pass --rm-dir)")
     grpo.validate(cfg, check_model=False)  # RL flags; lr, β and dtype defaults
+    loading.check_ranges(cfg, positive=("sft_epochs", "sft_lr", "sft_batch_size", "rm_temperature", "rm_epochs",
+                                        "rm_lr", "rm_batch_size", "gold_batch_size"),
+                         non_negative=("rm_pairs", "eval_pairs", "sharpness_perturbations", "sharpness_prompts",
+                                       "threads"))
     if "sft" in stages:
         loading.check_model_path(cfg.model)
     if ("rm" in stages or "rl" in stages) and cfg.gold_rm != evaluation.TOY_GOLD:
@@ -373,6 +379,35 @@ def check_inputs(cfg: Config) -> None:
         loading.fail(f"--sharpness-sigma must be >= 0, got {cfg.sharpness_sigma}")
 
 
+def claim_stages(cfg: Config) -> list[str]:
+    """The stages this run does, decided before any work, one writer each (the lock of --out-dir for SFT and RM, the
+    RL dir's own for RL). A finished SFT or RM stage (its model dir exists) is skipped with --resume, redone with
+    --overwrite (its outputs deleted first), and otherwise stops the run: never overwritten silently."""
+    stages = [s for s in ("sft", "rm", "rl") if cfg.stage in ("all", s)]
+    outputs = {"sft": (Path(cfg.sft_dir), Path(cfg.out_dir) / "sft_metrics.jsonl"),
+               "rm": (Path(cfg.rm_dir), Path(cfg.out_dir) / "rm_metrics.jsonl")}
+    if "sft" in stages or "rm" in stages:
+        rundir.lock_out_dir(cfg.out_dir)
+    if "rl" in stages:
+        rundir.claim_out_dir(cfg.rl_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+
+    def decide():
+        todo = []
+        for stage in stages:
+            done = stage in outputs and (outputs[stage][0] / "config.json").exists()
+            if done and cfg.resume:
+                print(f"--resume: {stage} already done in {outputs[stage][0]}")
+                continue
+            if done and not cfg.overwrite:
+                loading.fail(f"{outputs[stage][0]} holds a finished {stage} stage: --resume keeps it (and skips the "
+                             f"stage), --overwrite redoes it")
+            for path in outputs[stage] if done else ():
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            todo.append(stage)
+        return todo
+    return distributed.on_rank_0(decide)
+
+
 def main(cfg: Config) -> dict:
     cfg = resolve(cfg)
     if cfg.threads:
@@ -380,24 +415,20 @@ def main(cfg: Config) -> dict:
     if cfg.model == str(toy.TLDR_BASE):
         toy.wait_or_build(toy.build_tldr_base, toy.TLDR_BASE / "model.safetensors")
     check_inputs(cfg)
+    distributed.init_distributed()
+    stages = claim_stages(cfg)
     train = evaluation.load_tldr_rows(cfg.dataset, "train", cfg.prompt_field, cfg.reference_field)
     test = evaluation.load_tldr_rows(cfg.test_dataset or cfg.dataset, cfg.test_split, cfg.prompt_field,
                                      cfg.reference_field)
-    distributed.init_distributed()
     distributed.seed_everything(cfg.seed)
     results, times = {}, {}
     for stage, run in (("sft", lambda: run_sft(cfg, train)), ("rm", lambda: run_rm(cfg, train)),
                        ("rl", lambda: run_rl(cfg, train, test))):
-        if cfg.stage not in ("all", stage):
-            continue
-        done_dir = {"sft": cfg.sft_dir, "rm": cfg.rm_dir}.get(stage)
-        if cfg.stage == "all" and cfg.resume and done_dir and (Path(done_dir) / "config.json").exists():
-            if distributed.is_main():
-                print(f"--resume: {stage} already done in {done_dir}")
-            continue
-        t0 = time.time()
-        results[stage] = run()
-        times[stage] = round(time.time() - t0, 1)
+        if stage in stages:
+            t0 = time.time()
+            results[stage] = run()
+            times[stage] = round(time.time() - t0, 1)
+    rundir.release_dir(cfg.out_dir)
     if distributed.is_main():
         print("stage wall times (s): " + json.dumps(times))
     return {"results": results, "seconds": times}

@@ -24,7 +24,7 @@ el "B: the suite, the toys and the precision ladder in the background"
   echo "pytest rc $?" >> "$OUT/pytest.txt" ) &
 ( for s in train_math train_judge train_tldr; do
     el "$s"; timeout -k 5 130 nice python3 -m torch.distributed.run --nproc_per_node=1 --master_port=29650 $s.py \
-      --preset toy --out-dir "$OUT/toy_$s" 2>&1 | grep -v "it/s\]$"; el "$s rc ${PIPESTATUS[0]}"
+      --preset toy --out-dir "$OUT/toy_$s" --overwrite 2>&1 | grep -v "it/s\]$"; el "$s rc ${PIPESTATUS[0]}"
   done > "$OUT/toys.txt" 2>&1 ) &
 ( timeout -k 5 250 nice python3 benchmarks/gr_precision.py --device cuda --sizes 100m,0.5b,1.5b --no-hvp \
     > "$OUT/precision.txt" 2>&1; echo "precision rc $?" >> "$OUT/precision.txt" ) &

@@ -84,13 +84,13 @@ def table_main() -> str:
     cmd = ["python", "train_math.py", "--preset", "toy", "--out-dir", str(out.relative_to(ROOT))]
     seconds = run([sys.executable, *cmd[1:]], OUT / "main.log")
     rows = load_metrics(out / "metrics.jsonl")
-    init, steps = rows[0], [r for r in rows if r["step"] >= 0]
+    init, steps = rows[0], [r for r in rows if r["step"] > 0]
     evals = [r for r in rows if "eval/pass@1_greedy" in r]
     lines = ["| step | pass@1 greedy | pass@1 sampled (T 0.7) | train reward (of 5) |", "| --- | --- | --- | --- |"]
     for r in evals:
-        window = [s["reward"] for s in steps[max(0, r["step"] - 9):r["step"] + 1]]  # the 10 steps up to the eval
+        window = [s["reward"] for s in steps[max(0, r["step"] - 10):r["step"]]]  # the 10 steps up to the eval
         reward = f"{sum(window) / len(window):.2f}" if r is not init else "—"
-        lines.append(f"| {'before RL' if r is init else r['step'] + 1} | {r['eval/pass@1_greedy']:.3f} | "
+        lines.append(f"| {'before RL' if r is init else r['step']} | {r['eval/pass@1_greedy']:.3f} | "
                      f"{r['eval/pass@1_sampled']:.3f} | {reward} |")
     built = " (toy built in this run)" if "toy gsm8k policy built" in (OUT / "main.log").read_text() else ""
     return header([" ".join(cmd)], seconds) + f"\nWhole command{built}: {seconds / 60:.1f} min. Train reward: mean " \

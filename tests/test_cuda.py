@@ -65,7 +65,7 @@ def test_collectives_take_cpu_and_cuda_tensors_under_nccl(tmp_path):
 def test_train_math_and_eval_under_torchrun_on_one_gpu(small_toy, tmp_path):
     torchrun(["train_math.py", *test_train_math.toy_args(small_toy, tmp_path, "--reg", "gr")])
     rows = test_train_math.read_metrics(tmp_path)
-    assert [r["step"] for r in rows] == [0, 1, 2] and "eval/pass@1_greedy" in rows[-1]
+    assert [r["step"] for r in rows] == [1, 2, 3] and "eval/pass@1_greedy" in rows[-1]
     torchrun(["eval.py", "--checkpoint", str(tmp_path / "ckpt-000003"), "--dataset", str(small_toy[1]),
               "--limit", "8", "--samples", "2", "--max-new-tokens", "16", "--system-prompt", ""], port=29533)
 
@@ -73,7 +73,7 @@ def test_train_math_and_eval_under_torchrun_on_one_gpu(small_toy, tmp_path):
 def test_train_math_with_cuda_graph_decode(small_toy, tmp_path):
     torchrun(["train_math.py", *test_train_math.toy_args(small_toy, tmp_path, "--reg", "gr", "--cuda-graphs")],
              port=29537)
-    assert [r["step"] for r in test_train_math.read_metrics(tmp_path)] == [0, 1, 2]
+    assert [r["step"] for r in test_train_math.read_metrics(tmp_path)] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("graphs", [False, True])
@@ -124,7 +124,7 @@ def test_train_tldr_whole_chain_under_torchrun_on_one_gpu(small_tldr, tmp_path):
     torchrun(["train_tldr.py", *test_tldr.toy_args(small_tldr, tmp_path, "--reg", "reset", "--reset-every", "2")],
              port=29535)
     rows = test_tldr.read_metrics(tmp_path / "rl-reset")
-    assert [r["step"] for r in rows] == [0, 1, 2] and "eval/win_rate" in rows[-1]
+    assert [r["step"] for r in rows] == [1, 2, 3] and "eval/win_rate" in rows[-1]
 
 
 @pytest.mark.skipif(GPUS < 2, reason="needs two CUDA GPUs")

@@ -310,9 +310,18 @@ def test_non_finite_loss_stops_with_step_number():
     batch = rollout_batch()
     batch["advantages"][0] = float("nan")
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(FloatingPointError, match="step 17"):
+    with pytest.raises(FloatingPointError, match=r"^step 17: non-finite loss \(nan\)"):
         grpo.train_step(model, opt, batch, reg="none", temperature=1.0, normalizer=42, micro_batch_size=6, step=17)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # no update applied
+
+
+def test_non_finite_gradient_of_a_finite_loss_is_named_as_such():
+    model = tiny_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    next(model.parameters()).register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    with pytest.raises(FloatingPointError, match=r"^step 3: non-finite gradient norm \(inf\); stopping$"):
+        grpo.train_step(model, opt, rollout_batch(), reg="none", temperature=1.0, normalizer=42, micro_batch_size=6,
+                        step=3)
 
 
 def test_reset_reference_copies_policy():
@@ -329,7 +338,7 @@ def test_checkpoint_roundtrip(tmp_path):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     grpo.train_step(model, opt, rollout_batch(), reg="none", temperature=1.0, normalizer=42, micro_batch_size=6)
     for step in (3, 5):
-        ckpt = rundir.save_checkpoint(tmp_path, step, model, opt, tok)
+        ckpt = rundir.save_checkpoint(tmp_path, step, model, opt, tok, keep=1)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt-000005"]  # older removed, no temp dir left
     assert rundir.latest_checkpoint(tmp_path) == ckpt
     loaded = AutoModelForCausalLM.from_pretrained(ckpt)

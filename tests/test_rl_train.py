@@ -85,7 +85,7 @@ def test_logged_kl_entropy_and_dr_grpo_loss_match_a_recomputation(reset_run):
     and loss = Σ_i Σ_t (−A_i + β·k3) / (sequences × max_new_tokens), A_i = r_i − the mean of its prompt's rewards."""
     model = AutoModelForCausalLM.from_pretrained(reset_run["policy"], dtype=torch.float32).eval()
     steps, metrics = reset_run["steps"], reset_run["metrics"]
-    assert [m["step"] for m in metrics] == list(range(STEPS))
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     for s, (step, record, (questions, rewards)) in enumerate(zip(steps, metrics, reset_run["scored"])):
         batch = step["batch"]
         policy = naive_logprobs(model, step["weights"], batch)

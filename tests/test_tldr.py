@@ -43,7 +43,7 @@ def run(small_tldr, out, *extra):
 
 def read_metrics(run_dir, with_initial_eval=False):
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return rows if with_initial_eval else [r for r in rows if r["step"] >= 0]
+    return rows if with_initial_eval else [r for r in rows if r["step"] > 0]
 
 
 def run_cli(args):
@@ -152,12 +152,12 @@ def test_reward_model_learns_the_gold_preference_direction(chain, small_tldr, tm
 def test_rl_stage_logs_proxy_gold_and_rlhf_metrics(chain, small_tldr):
     out, result = chain
     init, *rows = read_metrics(out / "rl-none", with_initial_eval=True)
-    assert [r["step"] for r in rows] == [0, 1, 2] and init["step"] == -1
+    assert [r["step"] for r in rows] == [1, 2, 3] and init["step"] == 0
     for r in rows:
         assert {"reward", "rewards/proxy", "rewards/gold", "rewards/true_reward", "grad_norm"} <= r.keys()
         assert r["reward"] == pytest.approx(r["rewards/proxy"])  # the trained reward is the proxy
     evals = [r for r in rows if "eval/win_rate" in r]
-    assert [r["step"] for r in evals] == [1, 2]
+    assert [r["step"] for r in evals] == [2, 3]
     for r in evals + [init]:
         assert {"eval/gold", "eval/proxy", "eval/bt_loss", "eval/bt_accuracy", "eval/kl"} <= r.keys()
         assert r["eval/sharpness"] >= r["eval/sharpness_J"] - r["eval/sharpness_J_perturbed"] - 1e-12  # max ≥ mean
@@ -175,7 +175,7 @@ def test_rl_stage_alone_reuses_sft_and_rm(chain, small_tldr):
     out, _ = chain
     run(small_tldr, out, "--stage", "rl", "--reg", "gr", "--steps", "2", "--eval-every", "0")
     rows = read_metrics(out / "rl-gr")
-    assert [r["step"] for r in rows] == [0, 1] and "g2_norm" in rows[0] and "eval/gold" in rows[-1]
+    assert [r["step"] for r in rows] == [1, 2] and "g2_norm" in rows[0] and "eval/gold" in rows[-1]
     cfg = json.loads((out / "rl-gr" / "config.json").read_text())
     assert cfg["model"] == str(out / "sft") and cfg["gamma"] == 1e-2  # the RLHF default γ
 
@@ -184,7 +184,7 @@ def test_resume_skips_finished_stages(chain, small_tldr):
     out, _ = chain
     before = {d: (out / d / "train_summary.json").read_text() for d in ("sft", "rm")}
     result = run(small_tldr, out, "--reg", "none", "--resume")  # RL already at its last step: nothing to redo
-    assert result["results"].keys() == {"rl"} and [r["step"] for r in read_metrics(out / "rl-none")] == [0, 1, 2]
+    assert result["results"].keys() == {"rl"} and [r["step"] for r in read_metrics(out / "rl-none")] == [1, 2, 3]
     assert {d: (out / d / "train_summary.json").read_text() for d in ("sft", "rm")} == before
 
 
@@ -246,7 +246,7 @@ def test_torchrun_two_processes_whole_chain(small_tldr, chain, tmp_path):
     summary = json.loads((tmp_path / "rm" / "train_summary.json").read_text())
     assert summary["heldout_accuracy"] == pytest.approx(pair_accuracy(*naive_heldout_pairs(tmp_path / "rm")))
     rows = read_metrics(tmp_path / "rl-reset")
-    assert [r["step"] for r in rows] == [0, 1, 2] and "eval/bt_loss" in rows[-1] and "kl" in rows[0]
+    assert [r["step"] for r in rows] == [1, 2, 3] and "eval/bt_loss" in rows[-1] and "kl" in rows[0]
     assert (rundir.latest_checkpoint(tmp_path / "rl-reset") / "reference" / "model.safetensors").exists()
 
 
@@ -306,7 +306,7 @@ def test_bad_inputs_fail_fast_with_one_line(small_tldr, chain, tmp_path):
 def test_non_finite_sft_loss_stops_with_step_number(small_tldr, tmp_path, monkeypatch):
     sft_loss = supervised.sft_loss
     monkeypatch.setattr(supervised, "sft_loss", lambda *args: sft_loss(*args) * float("nan"))
-    with pytest.raises(FloatingPointError, match="sft step 0: non-finite loss"):
+    with pytest.raises(FloatingPointError, match="sft step 1: non-finite loss"):
         run(small_tldr, tmp_path, "--stage", "sft")
     assert not (tmp_path / "sft").exists()
 

@@ -49,7 +49,7 @@ def test_smoke_logs_judge_and_true_reward(small_judge_toy, tmp_path, monkeypatch
                                train_judge.PRESETS)
     train_judge.main(cfg)
     init, *rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert init["step"] == -1 and [r["step"] for r in rows] == [0, 1]
+    assert init["step"] == 0 and [r["step"] for r in rows] == [1, 2]
     for r, (scores, failures) in zip(rows, judged, strict=True):
         assert {"rewards/judge_correctness", "rewards/true_reward", "rewards/judge_failure_rate",
                 "rewards/strict_format", "g1_norm", "g2_norm"} <= r.keys()
@@ -75,7 +75,7 @@ def test_torchrun_two_processes(small_judge_toy, tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     initial = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
-    assert initial["step"] == -1 and initial["eval/pass@1_greedy"] == expected > 0
+    assert initial["step"] == 0 and initial["eval/pass@1_greedy"] == expected > 0
     assert rundir.latest_checkpoint(tmp_path).name == "ckpt-000002"
 
 

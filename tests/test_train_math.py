@@ -31,16 +31,16 @@ def toy_args(small_toy, out, *extra):
 
 
 def read_metrics(out):
-    """Training steps; the first line (step -1) is the initial policy's eval."""
+    """Training steps; the first line (step 0) is the initial policy's eval."""
     rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["step"] == -1 and "eval/pass@1_greedy" in rows[0]
+    assert rows[0]["step"] == 0 and "eval/pass@1_greedy" in rows[0] and "loss" not in rows[0]
     return rows[1:]
 
 
 def rows_answered_by(policy, rows, max_new_tokens, path):
     """Writes `rows` to `path` with the gold answer set to the policy's own greedy answer (`greedy_continuation` of
-    the GSM8K prompt without system prompt) on even rows and to one it never gives on odd rows; returns the greedy
-    pass@1 an eval of `policy` must report on them."""
+    the GSM8K prompt without system prompt) on even rows where that is a number, and to another number on the others;
+    returns the greedy pass@1 an eval of `policy` must report on them."""
     tokenizer, model = loading.load_tokenizer(str(policy)), AutoModelForCausalLM.from_pretrained(policy).eval()
     eos = loading.eos_token_ids(tokenizer, model)
     answers = []
@@ -49,10 +49,10 @@ def rows_answered_by(policy, rows, max_new_tokens, path):
                            add_special_tokens=False)["input_ids"]
         new = greedy_continuation(model, torch.tensor(prompt), max_new_tokens, eos)
         answers.append(extract_xml_answer(tokenizer.decode(new, skip_special_tokens=True)))
-    golds = [a if i % 2 == 0 and a is not None and "," not in a and "$" not in a else "never"
-             for i, a in enumerate(answers)]
+    right = [i % 2 == 0 and a is not None and evaluation.NUMBER.fullmatch(a) is not None for i, a in enumerate(answers)]
+    golds = [a if ok else "-1" if a != "-1" else "-2" for a, ok in zip(answers, right)]
     path.write_text("".join(json.dumps({**r, "answer": f"#### {g}"}) + "\n" for r, g in zip(rows, golds)))
-    return sum(g != "never" for g in golds) / len(rows)
+    return sum(right) / len(rows)
 
 
 def run_cli(args, **kw):
@@ -66,7 +66,7 @@ def test_smoke_each_reg(small_toy, tmp_path, reg):
                                train_math.PRESETS)
     final = train_math.main(cfg)
     rows = read_metrics(tmp_path)
-    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert {"reward", "rewards/correctness", "rewards/true_reward", "g1_norm", "entropy", "kl_init",
                 "completion_length", "clipped_ratio", "time/generate"} <= r.keys()
@@ -88,8 +88,8 @@ def test_torchrun_two_processes(small_toy, tmp_path):
                                                "--max-new-tokens", "20", "--dtype", "float32")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     initial = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
-    assert initial["step"] == -1 and initial["eval/pass@1_greedy"] == expected > 0
-    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2]
+    assert initial["step"] == 0 and initial["eval/pass@1_greedy"] == expected > 0
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     assert rundir.latest_checkpoint(tmp_path).name == "ckpt-000003"
 
 
@@ -252,17 +252,19 @@ def test_tracker_gets_config_and_every_record_and_summary_adds_up(small_toy, tmp
     assert init[0] == "init" and init[1]["config"]["reg"] == "gr" and init[1]["config"]["report_to"] == ("wandb",)
     assert finish == ("finish",)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [step for _, step, _ in logs] == [0, 0, 1, 2]  # the initial eval (step -1) at step 0, then every step
+    assert [step for _, step, _ in logs] == [0, 1, 2, 3]  # the initial eval at step 0, then step N after N updates
     for (_, _, scalars), record in zip(logs, records):
         assert scalars == {k: v for k, v in record.items() if k != "step"}  # metrics.jsonl's names and values
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step=")]
     assert len(printed) == 3 and all(re.search(r"elapsed=\d+m\d\ds eta=\d+m\d\ds$", line) for line in printed)
+    assert [line.split()[0] for line in printed] == ["step=1", "step=2", "step=3"]
+    assert "eval/pass@1_greedy" in printed[1] and rundir.latest_checkpoint(tmp_path).name == "ckpt-000003"
     assert printed[-1].endswith("eta=0m00s")
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     steps = records[1:]
     assert summary["stopped"] == "completed" and summary["steps_done"] == 3
-    assert summary["final_eval"] == {"step": 2, **{k[5:]: v for k, v in steps[-1].items() if k.startswith("eval/")}}
+    assert summary["final_eval"] == {"step": 3, **{k[5:]: v for k, v in steps[-1].items() if k.startswith("eval/")}}
     evals = [r for r in records if "eval/pass@1_greedy" in r]
     best = max(evals, key=lambda r: (r["eval/pass@1_greedy"], r["step"]))
     assert summary["best_eval"]["pass@1_greedy"] == {"value": best["eval/pass@1_greedy"], "step": best["step"]}
@@ -278,10 +280,11 @@ def test_tracker_gets_config_and_every_record_and_summary_adds_up(small_toy, tmp
 def test_non_finite_stop_still_writes_the_summary(small_toy, tmp_path, monkeypatch):
     score = train_math.gsm8k_rewards
     monkeypatch.setattr(train_math, "gsm8k_rewards", lambda c, g: {k: float("nan") for k in score(c, g)})
-    with pytest.raises(FloatingPointError, match="step 0"):
+    with pytest.raises(FloatingPointError, match="step 1"):
         train_math.main(loading.parse_config(train_math.Config, toy_args(small_toy, tmp_path), train_math.PRESETS))
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["stopped"].startswith("step 0: non-finite loss") and summary["steps_done"] == 0
+    assert summary["stopped"] == "step 1: non-finite loss (nan) and gradient norm (nan); stopping"
+    assert summary["steps_done"] == 0
 
 
 def test_missing_tracker_package_fails_fast(small_toy, tmp_path, monkeypatch):
