@@ -26,6 +26,7 @@ from generation import (decode_completions, generate, has_eos, position_ids, pre
                         rollout_model, tokenize_prompts)
 from gr import clip_, gr_backward, local_shard
 from loading import check_model_path, check_ranges, eos_token_ids, fail, load_model, load_tokenizer, short_prompts
+from logprobs import head_returns_logprobs
 from rewards import render_chat
 from rundir import (TRACKER_PACKAGES, Timer, check_run_flags, check_trackers, claim_out_dir, duration, load_trainer_state,
                     log_jsonl, open_trackers, release_dir, restart_metrics, resume_point, save_checkpoint,
@@ -50,19 +51,15 @@ def token_logprobs(model, input_ids, attention_mask, n_completion: int, temperat
     """log π(a_t | s, a_<t) of the last `n_completion` tokens, from logits / temperature.
 
     input_ids, attention_mask: (N, P+T). Returns logp (N, T) and, if asked, the entropy (N, T)
-    of the same tempered distribution (no gradient).
+    of the same tempered distribution (no gradient). The (N, T, V) logits are never held: the model's LM head
+    hands back [logp, entropy] in their place, computed over chunks of positions (logprobs.py).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                   logits_to_keep=n_completion + 1).logits[:, :-1]  # (N, T, V): position t predicts token t+1
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32
-    log_z = logits.logsumexp(-1)  # (N, T)
-    targets = input_ids[:, -n_completion:]
-    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - log_z
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = log_z - (logits.softmax(-1) * logits).sum(-1)
-    return logp, entropy
+    with head_returns_logprobs(model, input_ids[:, -n_completion:], temperature, with_entropy) as check:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                    logits_to_keep=n_completion + 1).logits  # (N, T, 2)
+        check(out)
+    logp, entropy = out.unbind(-1)
+    return logp, entropy.detach() if with_entropy else None
 
 
 KL_ESTIMATORS = ("k3", "k3-ratio", "k1")
