@@ -350,8 +350,13 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
 
     def finish(stopped: str) -> None:
         close_trackers()
-        write_summary(out, stopped=stopped, seconds=time.time() - t_start,
-                      sequences_per_step=cfg.prompts_per_step * cfg.group_size)
+        summary = write_summary(out, stopped=stopped, seconds=time.time() - t_start,
+                                sequences_per_step=cfg.prompts_per_step * cfg.group_size)
+        if main:  # the closing line: how it ended and what was written where
+            ckpt = latest_checkpoint(out)
+            print(f"run {'completed' if stopped == 'completed' else 'stopped'}: {summary['steps_done']} steps in "
+                  f"{duration(summary['wall_seconds_this_run'])}; wrote {out}/: metrics.jsonl, summary.json"
+                  f"{', ' + ckpt.name if ckpt else ''}", flush=True)
 
     try:
         for step in range(start, cfg.steps):

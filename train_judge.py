@@ -55,6 +55,8 @@ FORMAT_TERMS = ("int_format", "strict_format", "soft_format", "xml_count")
 
 def main(cfg: Config):
     toy_models = {str(toy.GSM8K_POLICY), str(toy.judge_path())}
+    if cfg.model in toy_models or cfg.judge in toy_models:
+        toy.pin_kernels()  # the same numbers on every CPU; before any tensor operation
     grpo.validate(cfg, check_model=cfg.model not in toy_models)
     if cfg.judge not in toy_models:
         loading.check_model_path(cfg.judge, "--judge")
