@@ -160,13 +160,17 @@ def shard_list(items: list, rank: int, world: int) -> list:
 
 # ----------------------------------------------------------------------------- collectives
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of `t` over ranks (a new tensor on t's device; `t` itself in one process)."""
+def all_reduce_sum(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Sum (or `op`) of `t` over ranks (a new tensor on t's device; `t` itself in one process)."""
     if not is_distributed():
         return t
     out = t.detach().to(rank_device(), copy=True)
-    dist.all_reduce(out)
+    dist.all_reduce(out, op=op)
     return out.to(t.device)
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    return all_reduce_sum(t, dist.ReduceOp.MAX)
 
 
 def all_gather_rows(local: torch.Tensor, indices: list[int], total: int) -> torch.Tensor:

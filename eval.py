@@ -207,12 +207,14 @@ def make_gold(gold_rm: str, device, *, dtype=torch.float32, batch_size: int = 16
     return gold
 
 
-def make_proxy(rm, tokenizer, *, eos_penalty: float = -1.0, batch_size: int = 16):
+def make_proxy(rm, tokenizer, *, eos_penalty: float | None = -1.0, batch_size: int = 16):
     """proxy(rows, completions, has_eos) -> (N,) float32 CPU: the proxy RM on prompt + completion + EOS, and
-    `eos_penalty` for a completion without EOS (the authors' -1)."""
+    `eos_penalty` for a completion without EOS (the authors' -1, the trained reward). eos_penalty None: the RM's own
+    score of every completion (+ EOS), which is what its Bradley-Terry loss and accuracy measure."""
     def proxy(rows, completions, has_eos):
         prompts = [render_chat(tokenizer, tldr_messages(r)) for r in rows]
-        return rm_scores(rm, tokenizer, prompts, completions, has_eos, eos_penalty=eos_penalty,
+        ended = torch.ones(len(rows), dtype=torch.bool) if eos_penalty is None else has_eos
+        return rm_scores(rm, tokenizer, prompts, completions, ended, eos_penalty=eos_penalty or 0.0,
                          batch_size=batch_size).float().cpu()
     return proxy
 
@@ -309,20 +311,23 @@ def score_batches(batches, items: list[dict], batch_size: int, *scorers) -> torc
 
 def proxy_on_policy(model, tokenizer, rows: list[dict], messages, proxy, gold, *, init_model=None, **sampling) -> dict:
     """Two samples per row from the policy: the proxy's Bradley-Terry loss / accuracy on them as pairs oriented by
-    the gold (true) reward, the samples' mean proxy and gold reward, and with `init_model` the KL to it."""
+    the gold (true) reward (score both with the reward models' own outputs, not with a length penalty), the samples'
+    mean proxy and gold reward, their share without EOS, and with `init_model` the KL to it."""
     rank, world = distributed.rank_and_world()
     mine = distributed.shard_list(list(range(len(rows))), rank, world)
     twice = [rows[i] for i in mine for _ in range(2)]
     batches = list(policy_samples(model, tokenizer, twice, messages, stream=1, **sampling))
-    cols = score_batches(batches, twice, sampling["batch_size"], proxy, gold)
+    cols = [score_batches(batches, twice, sampling["batch_size"], proxy, gold).double(),
+            torch.cat([~b["ended"] for b in batches]).double()[:, None]]
     if init_model is not None:
-        cols = torch.cat([cols, torch.cat([sequence_kl(model, init_model, b, sampling["temperature"])
-                                           for b in batches])[:, None]], 1)
+        cols.append(torch.cat([sequence_kl(model, init_model, b, sampling["temperature"]) for b in batches])[:, None])
+    cols = torch.cat(cols, 1)
     k = cols.shape[1]
-    g = distributed.all_gather_rows(cols.view(len(mine), 2 * k), mine, len(rows))  # (proxy, gold[, kl]) of a, then of b
+    g = distributed.all_gather_rows(cols.view(len(mine), 2 * k), mine, len(rows))  # (proxy, gold, no EOS[, kl]) a, b
     out = {**bt_loss_on_policy(g[:, 0], g[:, k], g[:, 1], g[:, k + 1]),
-           "sampled_gold": g[:, [1, k + 1]].mean().item(), "sampled_proxy": g[:, [0, k]].mean().item()}
-    return {**out, "kl": g[:, [2, k + 2]].mean().item()} if init_model is not None else out
+           "sampled_gold": g[:, [1, k + 1]].mean().item(), "sampled_proxy": g[:, [0, k]].mean().item(),
+           "sampled_no_eos": g[:, [2, k + 2]].mean().item()}
+    return {**out, "kl": g[:, [3, k + 3]].mean().item()} if init_model is not None else out
 
 
 def proxy_sharpness(model, tokenizer, rows: list[dict], messages, proxy, *, perturbations: int, sigma: float,
@@ -341,11 +346,14 @@ def proxy_sharpness(model, tokenizer, rows: list[dict], messages, proxy, *, pert
     return {"sharpness": s["sharpness"], "sharpness_J": s["J"], "sharpness_J_perturbed": s["J_perturbed_mean"]}
 
 
-def rlhf_evaluator(rows: list[dict], gold, proxy, init_model, *, pairs: int = 128, sharpness_prompts: int = 64,
-                   sharpness_perturbations: int = 32, sharpness_sigma: float = 0.02, **sampling):
+def rlhf_evaluator(rows: list[dict], gold, proxy, init_model, *, bt_proxy, pairs: int = 128,
+                   sharpness_prompts: int = 64, sharpness_perturbations: int = 32, sharpness_sigma: float = 0.02,
+                   **sampling):
     """evaluate(model, tokenizer, step) -> the RLHF metrics of `model` on `rows` (module docstring), for the RL loop
-    and `--task tldr`. `gold`/`proxy`: `make_gold`/`make_proxy`; `init_model`: the initial policy for the KL;
-    sampling: temperature, seed, max_new_tokens, batch_size. Every rank calls it; each generates its share."""
+    and `--task tldr`. `gold`/`proxy`: `make_gold`/`make_proxy` (the trained reward, EOS penalty included);
+    `bt_proxy`: the proxy RM's raw score (`make_proxy(..., eos_penalty=None)`), whose Bradley-Terry loss / accuracy on
+    policy pairs is reported; `init_model`: the initial policy for the KL; sampling: temperature, seed,
+    max_new_tokens, batch_size. Every rank calls it; each generates its share."""
     reference_gold = {}  # gold score of the dataset references, computed once
 
     def evaluate(model, tokenizer, step):
@@ -366,7 +374,7 @@ def rlhf_evaluator(rows: list[dict], gold, proxy, init_model, *, pairs: int = 12
         out = {"win_rate": win_rate(g[:, 0], g[:, 2]), **{k: g[:, j].mean().item() for j, k in enumerate(keys)}}
         # 2. the proxy's error on gold-labelled pairs of policy samples; KL to the initial policy
         if pairs:
-            out.update(proxy_on_policy(model, tokenizer, rows[:pairs], tldr_messages, proxy, gold,
+            out.update(proxy_on_policy(model, tokenizer, rows[:pairs], tldr_messages, bt_proxy, gold,
                                        init_model=init_model, **sampling))
         # 3. sharpness of J(φ) = mean proxy reward on fixed prompts with fixed sampling draws
         if sharpness_perturbations and sharpness_prompts:
@@ -465,9 +473,12 @@ def evaluate_tldr(cfg: EvalConfig, grad_norm: bool = True) -> dict:
     rollout = generation.rollout_model(policy, getattr(torch, dtype), replica=cfg.rollout_replica)
     init_model = distributed.shard(loading.load_model(cfg.reference_model, device)).requires_grad_(False)
     rm = loading.load_reward_model(cfg.proxy_rm, device, pad_token_id=tokenizer.pad_token_id, dtype=rm_dtype)
-    proxy = make_proxy(rm.requires_grad_(False), tokenizer, eos_penalty=cfg.eos_penalty, batch_size=cfg.batch_size)
+    rm.requires_grad_(False)
+    proxy = make_proxy(rm, tokenizer, eos_penalty=cfg.eos_penalty, batch_size=cfg.batch_size)
     gold = make_gold(cfg.gold_rm, device, dtype=rm_dtype, batch_size=cfg.batch_size)
-    evaluate = rlhf_evaluator(rows, gold, proxy, init_model, max_new_tokens=cfg.max_new_tokens,
+    evaluate = rlhf_evaluator(rows, gold, proxy, init_model, bt_proxy=make_proxy(rm, tokenizer, eos_penalty=None,
+                                                                                 batch_size=cfg.batch_size),
+                              max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed,
                               pairs=cfg.eval_pairs, sharpness_prompts=cfg.sharpness_prompts,
                               sharpness_perturbations=cfg.sharpness_perturbations, sharpness_sigma=cfg.sharpness_sigma)

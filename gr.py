@@ -10,12 +10,12 @@ Paper §2.3 eq. 4-5, §5, App. C.1 and Fig. 9. With g(φ) = ∇L(φ):
 
 then the caller clips grad to 1.0 and takes the optimizer step. Eq. 5 writes the penalty as
 (γ/2)·Δ with Δ from eq. 4; Fig. 9, which we follow, folds the 1/2 into γ, so γ here is the
-paper's γ in every table. Right under one process, DDP, FSDP1 and FSDP2 (README: "Using gr.py in
-your trainer"): norms are global, perturbation and restore act on each rank's local shards, g1 is
-copied out of the wrapper's gradient buffers and the result written back into them.
-
-Precision note: ε·g1 is tiny (ε = 1e-3, ‖g1‖ ≤ 10 spread over all weights). Keep master weights
-in fp32; if the forward runs in bf16 most of the perturbation is rounded away.
+paper's γ in every table. At γ = ε (the paper's reasoning runs: 1e-3, 1e-3) the block gradient is
+exactly clip(g2), the gradient at the perturbed point: a SAM-like step of radius ε·‖clip(g1)‖.
+Right under one process, DDP, FSDP1 and FSDP2 (README: "Using gr.py in your trainer"): norms are
+global, perturbation and restore act on each rank's local shards, g1 is copied out of the
+wrapper's gradient buffers and the result written back into them. Keep master weights in fp32:
+ε·g1 is tiny, and a bf16 forward rounds most of it away.
 """
 
 import contextlib

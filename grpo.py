@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distributed import (all_reduce_sum, autocast, gradient_sync, init_distributed, is_main, keep_freed_memory,
+from distributed import (all_reduce_max, all_reduce_sum, autocast, gradient_sync, init_distributed, is_main, keep_freed_memory,
                          rank_and_world, rank_device, reshard, seed_everything, shard, step_generator, step_seed)
 from generation import (decode_completions, generate, has_eos, position_ids, refresh_rollout_model, rollout_model,
                         tokenize_prompts)
@@ -63,28 +63,45 @@ def token_logprobs(model, input_ids, attention_mask, n_completion: int, temperat
     return logp, entropy
 
 
+KL_ESTIMATORS = ("k3", "k3-ratio", "k1")
+
+
 def kl_per_token(logp, ref_logp, estimator: str = "k3"):
-    """KL(π_φ ‖ π_ref) estimate per sampled token. k3 = e^(q−p) − (q−p) − 1 ≥ 0; k1 = p − q."""
-    if estimator == "k3":
+    """KL(π_φ ‖ π_ref) estimate per sampled token, p = log π_φ, q = log π_ref. All three have the same value in
+    expectation; their gradients differ:
+    k3 = e^(q−p) − (q−p) − 1 ≥ 0, gradient (1 − π_ref/π)∇p (the GRPO paper, TRL ≤ 1.9);
+    k3-ratio = k3 · π/π_detached, the same value, gradient (1 − π_ref/π + k3)∇p (TRL ≥ 1.10's default,
+    use_bias_correction_kl); k1 = p − q, gradient ∇p."""
+    if estimator in ("k3", "k3-ratio"):
         d = ref_logp - logp
-        return torch.exp(d) - d - 1
+        k3 = torch.exp(d) - d - 1
+        return k3 * torch.exp(logp - logp.detach()) if estimator == "k3-ratio" else k3
     if estimator == "k1":
         return logp - ref_logp
-    raise ValueError(f"unknown KL estimator {estimator!r}; use k3 or k1")
+    raise ValueError(f"unknown KL estimator {estimator!r}; use one of {KL_ESTIMATORS}")
 
 
 def dr_grpo_loss(logp, advantages, mask, normalizer: float, ref_logp=None, beta: float = 0.0,
-                 kl_estimator: str = "k3"):
-    """Σ_tokens [−A·π/π_detached + β·KL] / normalizer.
+                 kl_estimator: str = "k3", weights=None):
+    """Σ_tokens w·[−A·π/π_detached + β·KL] / normalizer.
 
-    logp, mask, ref_logp: (N, T); advantages: (N,). The ratio equals 1 but carries ∇log π, so
+    logp, mask, ref_logp, weights: (N, T); advantages: (N,). The ratio equals 1 but carries ∇log π, so
     the gradient is REINFORCE (eq. 1); the constant normaliser (Dr.GRPO) is
-    (sequences in the whole step on this rank) × (max completion length).
+    (sequences in the whole step on this rank) × (max completion length). `weights` (detached, default 1):
+    per-token importance weights for tokens sampled from another distribution (`importance_weights`).
     """
     per_token = -advantages[:, None] * torch.exp(logp - logp.detach())  # (N, T)
     if beta:
         per_token = per_token + beta * kl_per_token(logp, ref_logp, kl_estimator)
+    if weights is not None:
+        per_token = per_token * weights
     return (per_token * mask).sum() / normalizer
+
+
+def importance_weights(logp, sampler_logp, cap: float):
+    """Truncated importance sampling (TIS; Yao et al. 2025, TRL's vllm_importance_sampling_correction, verl's
+    tis_imp_ratio_cap): min(π_learner / π_sampler, cap) per token, detached. (N, T)."""
+    return torch.exp(logp.detach() - sampler_logp).clamp(max=cap)
 
 
 # ----------------------------------------------------------------------------- one update
@@ -118,33 +135,54 @@ def reset_reference(ref_model, model) -> None:
     torch._foreach_copy_([local_shard(p) for p in ref_model.parameters()], [local_shard(p) for p in model.parameters()])
 
 
+@torch.no_grad()
+def reset_optimizer_state(optimizer) -> None:
+    """The optimizer as if just built (Adam: moments and step count 0), as ProRL does at each reference reset. Zeroed
+    in place, not cleared: a checkpoint right after the reset then saves this state (DCP would fill an empty one by
+    taking a zero-gradient step, which counts as step 1)."""
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                value.zero_()
+
+
 def train_step(model, optimizer, batch: dict, *, reg: str, temperature: float, normalizer: float,
                micro_batch_size: int, beta: float = 0.0, kl_estimator: str = "k3", gamma: float = 0.0,
-               eps: float = 1e-3, max_grad_norm: float = 1.0, step: int = 0) -> dict:
+               eps: float = 1e-3, max_grad_norm: float = 1.0, tis_cap: float = 0.0,
+               gr_importance_weights: bool = False, step: int = 0) -> dict:
     """Phases 5-6 of an RL step: loss/backward (twice for GR), clip to `max_grad_norm`, optimizer step.
 
     batch (this rank's share): input_ids, attention_mask (N, P+T); completion_mask (N, T);
     advantages (N,); ref_logp (N, T) when reg is kl/reset; optional init_logp (N, T) to log the KL to the
-    initial policy. Returns metrics averaged over ranks.
-    Raises FloatingPointError (naming `step`) before the update if the loss or gradient is not finite.
+    initial policy; optional sampler_logp (N, T), the sampled tokens' log-probs under the distribution that sampled
+    them, to log the sampler/learner mismatch and, with `tis_cap` > 0, weight each token by
+    min(π_φ/π_sampler, tis_cap). `gr_importance_weights`: GR's second pass, at φ + ε·g1 on the same actions, also
+    weights each token by π_{φ+εg1}/π_φ (the correction the paper calls unnecessary, §5). Returns metrics averaged
+    over ranks. Raises FloatingPointError (naming `step`) before the update if the loss or gradient is not finite.
     """
     if reg not in REGS:
         raise ValueError(f"reg must be one of {REGS}, got {reg!r}")
     use_kl = reg in ("kl", "reset") and beta > 0
     n_completion = batch["completion_mask"].shape[1]
-    stats = {}  # token sums from the first pass at φ
+    stats, logp_at_phi = {}, []  # token sums and each micro-batch's log π_φ, from the first pass
 
     def closure():
         total = torch.zeros((), device=batch["input_ids"].device)
-        first = not stats
+        first = not logp_at_phi
         n_micro = -(-batch["input_ids"].shape[0] // micro_batch_size)
         for i, mb in enumerate(micro_batches(batch, micro_batch_size)):
             gradient_sync(model, i == n_micro - 1)  # FSDP2: one reduce-scatter per pass, after its last micro-batch
             logp, entropy = token_logprobs(model, mb["input_ids"], mb["attention_mask"], n_completion,
                                            temperature, with_entropy=first)
+            if first:
+                logp_at_phi.append(logp.detach())
+            weights = importance_weights(logp_at_phi[i], mb["sampler_logp"], tis_cap) if tis_cap else None
+            if gr_importance_weights and not first:  # π_{φ+εg1}/π_φ: the actions were sampled at φ
+                at_phi = torch.exp(logp.detach() - logp_at_phi[i])
+                weights = at_phi if weights is None else weights * at_phi
             ref_logp = mb["ref_logp"] if use_kl else None
             loss = dr_grpo_loss(logp, mb["advantages"], mb["completion_mask"], normalizer,
-                                ref_logp, beta if use_kl else 0.0, kl_estimator)
+                                ref_logp, beta if use_kl else 0.0, kl_estimator, weights)
             loss.backward()
             total += loss.detach()
             if first:
@@ -154,6 +192,10 @@ def train_step(model, optimizer, batch: dict, *, reg: str, temperature: float, n
                     acc["kl"] = (kl_per_token(logp.detach(), mb["ref_logp"], kl_estimator) * m).sum()
                 if "init_logp" in mb:  # KL to the initial policy, for every --reg (the paper's x-axis in Fig. 4)
                     acc["kl_init"] = (kl_per_token(logp.detach(), mb["init_logp"], "k3") * m).sum()
+                if "sampler_logp" in mb:  # the rollout model's distribution against the learner's, token by token
+                    acc["sampler/abs_logp_diff"] = ((logp.detach() - mb["sampler_logp"]).abs() * m).sum()
+                    ratio_max = (torch.exp(logp.detach() - mb["sampler_logp"]) * m).max()
+                    stats["sampler_ratio_max"] = torch.maximum(stats.get("sampler_ratio_max", ratio_max), ratio_max)
                 for k, v in acc.items():
                     stats[k] = stats.get(k, 0) + v.float()
         return total
@@ -169,6 +211,8 @@ def train_step(model, optimizer, batch: dict, *, reg: str, temperature: float, n
         optimizer.zero_grad(set_to_none=True)
         loss = closure()
     grad_norm = clip_([p.grad for p in params if p.grad is not None], max_grad_norm)
+    if "sampler_ratio_max" in stats:
+        metrics["sampler/ratio_max"] = all_reduce_max(stats.pop("sampler_ratio_max").float()).item()
     tokens = stats.pop("tokens")
     sums = all_reduce_sum(torch.stack([loss.float(), tokens, *stats.values()]))  # global: every rank decides alike
     loss_sum, tokens, *token_sums, grad_norm = torch.cat([sums, grad_norm.float().reshape(1)]).tolist()
@@ -199,8 +243,17 @@ class RLConfig:
     lr: float = field(default=None, metadata={"type": float, "help": "Adam lr; default 5e-6 for gr, 3e-6 otherwise"})
     beta: float = field(default=None, metadata={"type": float, "help": "KL weight β; default 0.05 for --reg kl, 0.3 "
                                                 "for --reg reset (paper: 0.03-0.15 without resets, 0.2-0.5 with)"})
-    kl_estimator: str = field(default="k3", metadata={"help": "KL estimator in the loss", "choices": ("k3", "k1")})
+    kl_estimator: str = field(default="k3", metadata={
+        "help": "KL estimator in the loss: k3 (GRPO paper, TRL <= 1.9), k3-ratio (the same value times π/π_detached: "
+                "TRL >= 1.10's use_bias_correction_kl, one more term in the gradient), k1", "choices": KL_ESTIMATORS})
     reset_every: int = field(default=200, metadata={"help": "R: steps between reference resets (--reg reset)"})
+    reset_optimizer: bool = field(default=False, metadata={
+        "help": "--reg reset: also re-initialise Adam's moments at each reset, as ProRL does (the paper is silent)"})
+    tis_cap: float = field(default=0.0, metadata={
+        "help": "truncated importance sampling: weight each token by min(π_learner/π_sampler, C), correcting for the "
+                "rollout model (bf16 replica, CUDA graph) differing from the learner, as TRL/verl do (0 = off)"})
+    gr_importance_weights: bool = field(default=False, metadata={
+        "help": "GR: weight the second pass's tokens by π_{φ+εg1}/π_φ (the paper reuses the actions uncorrected)"})
     gamma: float = field(default=1e-3, metadata={"help": "GR strength γ"})
     eps: float = field(default=1e-3, metadata={"help": "GR perturbation ε"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip of the final gradient"})
@@ -250,6 +303,12 @@ def validate(cfg: RLConfig, check_model: bool = True) -> None:
         fail(f"--reset-every must be > 0 (got {cfg.reset_every})")
     if cfg.group_size < 2:
         fail(f"--group-size must be ≥ 2 for a group baseline (got {cfg.group_size})")
+    if cfg.tis_cap < 0:
+        fail(f"--tis-cap must be > 0 (or 0 for off), got {cfg.tis_cap}")
+    for flag, on, reg in (("--reset-optimizer", cfg.reset_optimizer, "reset"),
+                          ("--gr-importance-weights", cfg.gr_importance_weights, "gr")):
+        if on and cfg.reg != reg:
+            fail(f"{flag} applies to --reg {reg} only (got --reg {cfg.reg})")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.prompts_per_step % world:
         fail(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by the {world} ranks")
@@ -393,10 +452,13 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
                 stats = train_step(policy, optimizer, batch, reg=cfg.reg, temperature=cfg.temperature,
                                    normalizer=normalizer, micro_batch_size=cfg.micro_batch_size, beta=cfg.beta,
                                    kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, eps=cfg.eps,
-                                   max_grad_norm=cfg.max_grad_norm, step=step)
+                                   max_grad_norm=cfg.max_grad_norm, tis_cap=cfg.tis_cap,
+                                   gr_importance_weights=cfg.gr_importance_weights, step=step)
                 refresh_rollout_model(rollout, policy)
             if cfg.reg == "reset" and (step + 1) % cfg.reset_every == 0:
                 reset_reference(ref, policy)
+                if cfg.reset_optimizer:
+                    reset_optimizer_state(optimizer)
             # 7. log, evaluate, checkpoint
             means = {"reward": rewards, **{f"rewards/{k}": v.to(device, torch.float32) for k, v in terms.items()},
                      "completion_length": cmask.sum(1).float(), "clipped_ratio": (~ended).float()}

@@ -91,9 +91,20 @@ def load_model(name_or_path, device, *, dtype=torch.float32, trust_remote_code: 
         model = cls.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as e:
         fail(f"cannot load model {str(name_or_path)!r} (offline? wrong id?): {str(e).splitlines()[0]}")
+    model = model.to(device).eval()
     if grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(device).eval()
+        checkpoint_activations(model)
+    return model
+
+
+def checkpoint_activations(model) -> None:
+    """Activation checkpointing for a model kept in eval mode (RL: no dropout). HF checkpoints a decoder layer only
+    while that layer is in training mode, so the layers' own flags are set, not their submodules' (dropout stays
+    off); a later `.eval()` or `.train()` undoes it."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False):
+            m.training = True
 
 
 def load_reward_model(name_or_path, device, *, pad_token_id: int, dtype=torch.float32, trust_remote_code=False):

@@ -331,6 +331,7 @@ def run_rl(cfg: Config, train_rows: list[dict], test_rows: list[dict]) -> dict:
     test_rows = short_enough(test_rows, tokenizer, cfg.max_prompt_tokens, "eval")
     evaluate = evaluation.rlhf_evaluator(
         test_rows[:cfg.eval_limit] if cfg.eval_limit else test_rows, gold, proxy, init_model.requires_grad_(False),
+        bt_proxy=evaluation.make_proxy(proxy_rm, tokenizer, eos_penalty=None, batch_size=cfg.gold_batch_size),
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.gen_batch_size, seed=cfg.seed,
         pairs=cfg.eval_pairs, sharpness_prompts=cfg.sharpness_prompts,
         sharpness_perturbations=cfg.sharpness_perturbations, sharpness_sigma=cfg.sharpness_sigma)

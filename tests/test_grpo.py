@@ -167,18 +167,25 @@ class GradientRecorder(torch.optim.Optimizer):
         self.grads = [p.grad.clone() for group in self.param_groups for p in group["params"]]
 
 
-def naive_dr_grpo_loss(model, batch, *, temperature, normalizer, beta, estimator):
-    """Σ_i Σ_t [−A_i·π/π_detached + β·KL_t] / normaliser, one unpadded sequence at a time, with
+def naive_logp(model, batch, i: int, temperature: float):
+    """log π of sequence i's completion tokens, the sequence alone (no padding): log_softmax(logits / T)."""
+    ids = batch["input_ids"][i][batch["attention_mask"][i].bool()][None]
+    n = int(batch["completion_mask"][i].sum())
+    logits = model(ids).logits[0, -n - 1:-1] / temperature
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, -n:, None]).squeeze(-1)
+
+
+def naive_dr_grpo_loss(model, batch, *, temperature, normalizer, beta, estimator, weights=None):
+    """Σ_i Σ_t w_t·[−A_i·π/π_detached + β·KL_t] / normaliser, one unpadded sequence at a time, with
     log π = log_softmax(logits / T) and KL_t = e^(q−p) − (q−p) − 1 (k3) or p − q (k1), written out here."""
     total = 0.0
     for i in range(batch["input_ids"].shape[0]):
-        ids = batch["input_ids"][i][batch["attention_mask"][i].bool()][None]
-        n = int(batch["completion_mask"][i].sum())
-        logits = model(ids).logits[0, -n - 1:-1] / temperature
-        p = torch.log_softmax(logits, -1).gather(-1, ids[0, -n:, None]).squeeze(-1)
+        p = naive_logp(model, batch, i, temperature)
+        n = len(p)
         q = batch["ref_logp"][i, :n]
         kl = torch.exp(q - p) - (q - p) - 1 if estimator == "k3" else p - q
-        total = total + (-batch["advantages"][i] * torch.exp(p - p.detach()) + beta * kl).sum()
+        w = 1.0 if weights is None else weights[i, :n]
+        total = total + (w * (-batch["advantages"][i] * torch.exp(p - p.detach()) + beta * kl)).sum()
     return total / normalizer
 
 
@@ -198,6 +205,103 @@ def test_train_step_gradient_is_autograd_of_the_written_out_loss(reg, estimator)
                     beta=beta, kl_estimator=estimator, max_grad_norm=math.inf)
     for got, want in zip(opt.grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_kl_estimator_gradients_are_their_formulas():
+    """d/dp of each estimator at p = log π, q = log π_ref: k3 1 − e^(q−p); k3-ratio (TRL ≥ 1.10) the same plus k3,
+    with the same value as k3; k1 1."""
+    g = torch.Generator().manual_seed(0)
+    p0, q = -torch.rand(5, 7, generator=g, dtype=torch.float64) * 3, -torch.rand(5, 7, generator=g, dtype=torch.float64)
+    k3 = torch.exp(q - p0) - (q - p0) - 1
+    expected = {"k3": 1 - torch.exp(q - p0), "k3-ratio": 1 - torch.exp(q - p0) + k3, "k1": torch.ones_like(p0)}
+    for estimator, grad in expected.items():
+        p = p0.clone().requires_grad_()
+        value = grpo.kl_per_token(p, q, estimator)
+        value.sum().backward()
+        torch.testing.assert_close(p.grad, grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(value.detach(), k3 if estimator != "k1" else p0 - q, rtol=1e-12, atol=1e-12)
+
+
+def test_truncated_importance_sampling_gradient_is_the_weighted_loss():
+    """With sampler log-probs and --tis-cap C, the update's gradient is autograd of the loss written out with each
+    token weighted by min(π_φ / π_sampler, C), computed here from the naive log-probs; C truncates some weights."""
+    model = tiny_model(dtype=torch.float64)
+    batch = _train_batch(model, "kl")
+    batch["advantages"] = batch["advantages"].double()
+    N, T = batch["completion_mask"].shape
+    batch["sampler_logp"] = grpo.reference_logprobs(model, batch, 0.7, 4) + 0.5 * torch.randn(
+        N, T, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cap, normalizer = 1.5, N * T
+    weights = torch.zeros(N, T, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(N):
+            n = int(batch["completion_mask"][i].sum())
+            weights[i, :n] = torch.exp(naive_logp(model, batch, i, 0.7) - batch["sampler_logp"][i, :n]).clamp(max=cap)
+    assert (weights == cap).any() and ((weights > 0) & (weights < cap)).any()
+    expected = torch.autograd.grad(naive_dr_grpo_loss(model, batch, temperature=0.7, normalizer=normalizer, beta=0.3,
+                                                      estimator="k3", weights=weights), list(model.parameters()))
+    opt = GradientRecorder(model.parameters())
+    metrics = grpo.train_step(model, opt, batch, reg="kl", temperature=0.7, normalizer=normalizer, micro_batch_size=4,
+                              beta=0.3, max_grad_norm=math.inf, tis_cap=cap)
+    for got, want in zip(opt.grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    m = batch["completion_mask"].bool()
+    ratio = torch.exp(grpo.reference_logprobs(model, batch, 0.7, 4) - batch["sampler_logp"])
+    assert metrics["sampler/ratio_max"] == pytest.approx(ratio[m].max().item(), rel=1e-6)  # logged in float32
+    assert metrics["sampler/abs_logp_diff"] == pytest.approx(ratio[m].log().abs().mean().item(), rel=1e-6)
+
+
+def test_gr_importance_weights_reweight_only_the_second_pass():
+    """--gr-importance-weights: grad = g1 + (γ/ε)(g2_w − g1), where g2_w is the gradient at φ' = φ + ε·g1 (blocks only)
+    of the loss with each token weighted by π_φ'/π_φ, all written out here (no clip acts: norms < 10)."""
+    from gr import block_parameters
+    model = tiny_model(dtype=torch.float64, exact=True)
+    batch = _train_batch(model, "none")
+    batch["advantages"] = batch["advantages"].double() * 0.3
+    params, blocks = list(model.parameters()), {id(p) for p in block_parameters(model)}
+    gamma, eps, normalizer, N = 0.5, 1e-3, 42, batch["input_ids"].shape[0]
+    loss = lambda weights=None: naive_dr_grpo_loss(model, batch, temperature=0.7, normalizer=normalizer,  # noqa: E731
+                                                   beta=0.0, estimator="k3", weights=weights)
+    batch["ref_logp"] = torch.zeros(N, 7, dtype=torch.float64)  # unused at β = 0
+    g1 = torch.autograd.grad(loss(), params)
+    with torch.no_grad():
+        logp_phi = [naive_logp(model, batch, i, 0.7) for i in range(N)]
+        for p, g in zip(params, g1):
+            if id(p) in blocks:
+                p.add_(g, alpha=eps)
+        weights = torch.zeros(N, 7, dtype=torch.float64)
+        for i in range(N):
+            weights[i, :len(logp_phi[i])] = torch.exp(naive_logp(model, batch, i, 0.7) - logp_phi[i])
+    assert (weights[batch["completion_mask"].bool()] - 1).abs().max() > 1e-6  # the weights are not all 1
+    g2 = torch.autograd.grad(loss(weights), params)
+    with torch.no_grad():
+        for p, g in zip(params, g1):
+            if id(p) in blocks:
+                p.sub_(g, alpha=eps)
+    del batch["ref_logp"]
+    assert max(torch.linalg.vector_norm(g) for g in g1) < 10
+    opt = GradientRecorder(model.parameters())
+    grpo.train_step(model, opt, batch, reg="gr", temperature=0.7, normalizer=normalizer, micro_batch_size=4,
+                    gamma=gamma, eps=eps, max_grad_norm=math.inf, gr_importance_weights=True)
+    for p, got, a, b in zip(params, opt.grads, g1, g2):
+        want = a + (gamma / eps) * (b - a) if id(p) in blocks else a
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_reset_optimizer_state_is_a_fresh_adam():
+    """After some steps, `reset_optimizer_state` makes the next Adam step the step of a newly built Adam."""
+    model, fresh_model = tiny_model(), tiny_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for seed in range(3):
+        grpo.train_step(model, opt, rollout_batch(seed=seed), reg="none", temperature=1.0, normalizer=42,
+                        micro_batch_size=6)
+    fresh_model.load_state_dict(model.state_dict())
+    grpo.reset_optimizer_state(opt)
+    grpo.train_step(model, opt, rollout_batch(seed=9), reg="none", temperature=1.0, normalizer=42, micro_batch_size=6)
+    fresh = torch.optim.Adam(fresh_model.parameters(), lr=1e-2)
+    grpo.train_step(fresh_model, fresh, rollout_batch(seed=9), reg="none", temperature=1.0, normalizer=42,
+                    micro_batch_size=6)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh_model.parameters()))
 
 
 def test_non_finite_loss_stops_with_step_number():
@@ -358,3 +462,30 @@ def test_flag_warnings_print_once_under_torchrun(monkeypatch, capsys):
         monkeypatch.setenv("RANK", rank)
         grpo.validate(grpo.RLConfig(reg="gr", update_dtype="bfloat16"), check_model=False)
         assert ("warning: --update-dtype bfloat16" in capsys.readouterr().out) == printed, rank
+
+
+def test_grad_checkpointing_recomputes_the_blocks_with_the_same_gradient_and_no_dropout():
+    """--grad-checkpointing in RL, where the policy stays in eval mode: each block runs forward twice (the recompute
+    in backward), not once as HF would in eval mode, and the gradient is unchanged; dropout (0.5 in the config)
+    stays off, or the two gradients would differ."""
+    from gr import transformer_blocks
+    import loading
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        model = tiny_model(dtype=torch.float64)
+        model.config.attention_dropout = 0.5
+        for block in model.model.layers:
+            block.self_attn.attention_dropout = 0.5
+        if checkpointing:
+            loading.checkpoint_activations(model)
+        counted = [0]
+        for block in transformer_blocks(model):
+            block.mlp.register_forward_pre_hook(lambda *_: counted.__setitem__(0, counted[0] + 1))
+        opt = GradientRecorder(model.parameters())
+        grpo.train_step(model, opt, _train_batch(model, "none"), reg="none", temperature=0.7, normalizer=42,
+                        micro_batch_size=6, max_grad_norm=math.inf)
+        grads.append(opt.grads)
+        calls.append(counted[0])
+    assert calls == [2, 4]  # 2 blocks, one micro-batch: forward, then forward again in backward
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -188,6 +188,41 @@ def test_resume_skips_finished_stages(chain, small_tldr):
     assert {d: (out / d / "train_summary.json").read_text() for d in ("sft", "rm")} == before
 
 
+def test_proxy_bt_metric_scores_the_raw_reward_model_and_reports_the_no_eos_share(chain, small_tldr):
+    """The BT loss / accuracy on policy pairs is that of the proxy RM's own scores (each sequence scored alone, + EOS,
+    as it was trained), not of the trained reward whose EOS penalty gives every cut-off completion −1; the share of
+    samples without EOS is reported beside it. Completions cut at 3 tokens: most have no EOS."""
+    out, _ = chain
+    _, test, _ = small_tldr
+    rows = evaluation.load_tldr_rows(str(test), "test")[:16]
+    policy_dir = rundir.latest_checkpoint(out / "rl-none")
+    tokenizer = loading.load_tokenizer(str(policy_dir))
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    rm = loading.load_reward_model(out / "rm", "cpu", pad_token_id=tokenizer.pad_token_id)
+    gold = evaluation.make_gold("toy", "cpu")
+    sampling = dict(temperature=0.7, seed=0, max_new_tokens=3, batch_size=8)
+    got = evaluation.proxy_on_policy(policy, tokenizer, rows, evaluation.tldr_messages,
+                                     evaluation.make_proxy(rm, tokenizer, eos_penalty=None), gold, **sampling)
+    twice = [r for r in rows for _ in range(2)]
+    batches = list(evaluation.policy_samples(policy, tokenizer, twice, evaluation.tldr_messages, stream=1, **sampling))
+    texts, ended = [t for b in batches for t in b["texts"]], torch.cat([b["ended"] for b in batches])
+    assert 0 < (~ended).float().mean() < 1
+    with torch.no_grad():
+        raw = []
+        for row, text in zip(twice, texts):
+            ids = tokenizer(train_tldr.render(tokenizer, row) + text, add_special_tokens=False)["input_ids"]
+            raw.append(rm.score(rm.model(torch.tensor([ids + [tokenizer.eos_token_id]])).last_hidden_state)[0, -1, 0])
+    raw = torch.stack(raw)
+    golds = torch.tensor([toy.tldr_gold_reward(r["prompt"], t, bool(e)) for r, t, e in zip(twice, texts, ended)])
+    expected = evaluation.bt_loss_on_policy(raw[0::2], raw[1::2], golds[0::2], golds[1::2])
+    assert (got["bt_loss"], got["bt_accuracy"]) == pytest.approx((expected["bt_loss"], expected["bt_accuracy"]),
+                                                                 rel=1e-5)
+    assert got["sampled_no_eos"] == pytest.approx((~ended).double().mean().item())
+    penalised = torch.where(ended, raw, torch.full_like(raw, -1.0))  # what the trained reward would have scored
+    assert evaluation.bt_loss_on_policy(penalised[0::2], penalised[1::2], golds[0::2],
+                                        golds[1::2])["bt_loss"] != pytest.approx(expected["bt_loss"], rel=1e-3)
+
+
 def test_beta_default_depends_on_reg(small_tldr, tmp_path):
     for reg, beta in (("kl", 0.05), ("reset", 0.3), ("none", 0.05)):
         cfg = loading.parse_config(train_tldr.Config, toy_args(small_tldr, tmp_path, "--reg", reg), train_tldr.PRESETS)
@@ -220,14 +255,24 @@ def test_eval_cli_on_checkpoint_and_plot(chain, small_tldr, tmp_path):
     _, test, _ = small_tldr
     summary = evaluation.evaluate(evaluation.EvalConfig(
         checkpoint=str(rundir.latest_checkpoint(out / "rl-none")), task="tldr", dataset=str(test), limit=12,
-        gold_rm="toy", proxy_rm=str(out / "rm"), reference_model=str(out / "sft"), max_new_tokens=16,
+        gold_rm="toy", proxy_rm=str(out / "rm"), reference_model=str(out / "sft"), max_new_tokens=4,
         batch_size=32, sharpness_perturbations=2, dtype="float32", out=str(tmp_path / "eval.json")))
     assert json.loads((tmp_path / "eval.json").read_text()) == summary
     assert summary["n"] == 12 and summary["grad_norm"] > 0
     assert {"bt_loss", "bt_accuracy", "kl", "sharpness", "gold", "proxy"} <= summary.keys()
     rows = evaluation.load_tldr_rows(str(test), "test")[:12]
-    win, gold = naive_win_rate(rundir.latest_checkpoint(out / "rl-none"), rows, 16)
+    win, gold = naive_win_rate(rundir.latest_checkpoint(out / "rl-none"), rows, 4)
     assert (summary["win_rate"], summary["gold"]) == pytest.approx((win, gold))
+    # the BT metric is the raw proxy RM's (the test above checks proxy_on_policy itself)
+    policy_dir = rundir.latest_checkpoint(out / "rl-none")
+    tokenizer = loading.load_tokenizer(str(policy_dir))
+    rm = loading.load_reward_model(out / "rm", "cpu", pad_token_id=tokenizer.pad_token_id)
+    raw = evaluation.proxy_on_policy(AutoModelForCausalLM.from_pretrained(policy_dir).eval(), tokenizer, rows,
+                                     evaluation.tldr_messages, evaluation.make_proxy(rm, tokenizer, eos_penalty=None),
+                                     evaluation.make_gold("toy", "cpu"), temperature=0.7, seed=0, max_new_tokens=4,
+                                     batch_size=32)
+    assert summary["bt_loss"] == pytest.approx(raw["bt_loss"], rel=1e-5)
+    assert 0 < summary["sampled_no_eos"] < 1  # 4 new tokens: some samples are cut off, where the two proxies differ
     png = tmp_path / "fig.png"
     proc = run_cli([sys.executable, "eval.py", "plot", str(out / "rl-none"), str(out / "rl-none" / "metrics.jsonl"),
                     "--out", str(png), "--panel", "step:rewards/proxy,rewards/gold", "--panel", "eval/kl:eval/gold"])
