@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
-from tqdm import tqdm
 
 import distributed
 import generation
@@ -150,8 +149,8 @@ def pass_at_1(model, tokenizer, task: str, rows: list[dict], *, system_prompt: s
         generator = distributed.step_generator(seed, k, rank, next(model.parameters()).device)
         batches = generation.rollouts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                       batch_size=batch_size, generator=generator)
-        texts = [t for b in tqdm(batches, desc=f"eval {task} {k + 1}/{samples}", total=-(-len(prompts) // batch_size),
-                                 disable=rank != 0, delay=2, leave=False) for t in b["texts"]]
+        texts = [t for b in generation.progress_bar(batches, f"eval {task} {k + 1}/{samples}",
+                                                    total=-(-len(prompts) // batch_size)) for t in b["texts"]]
         for j, g in enumerate(grade(task, [rows[i] for i in mine], texts)):
             valid[j] &= g is not None
             scores[j] += (g or 0.0) / samples
@@ -323,7 +322,7 @@ def sharpness(model, objective, *, perturbations: int = 32, sigma: float = 0.02,
     rank = distributed.rank_and_world()[0]
     j0 = objective()
     drops = []
-    for i in tqdm(range(perturbations), desc="sharpness", disable=rank != 0, delay=2, leave=False):
+    for i in generation.progress_bar(range(perturbations), "sharpness"):
         with restored(local):
             gens = {}  # one generator per kind: rank-specific for shards, shared for replicated weights
             for t, r, s in zip(local, rms, sharded):

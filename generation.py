@@ -7,6 +7,7 @@ V = vocabulary.
 import copy
 import functools
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +146,14 @@ def has_eos(completion, eos_token_ids) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- generate
 
+def progress_bar(iterable, desc: str, total: int | None = None):
+    """A tqdm bar named `desc` over `iterable` on rank 0, shown once the loop has lasted 2 s and only on a terminal: in
+    a log file its carriage returns would run into the step lines. Empty `desc`: no bar."""
+    return tqdm(iterable, desc=desc, total=total, disable=not (desc and is_main() and sys.stderr.isatty()), delay=2,
+                leave=False)
+
+
+
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_ids, pad_token_id: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, generator=None, progress: str = "",
@@ -161,7 +170,7 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_i
     never reached) with the same tokens as eager decoding.
     On an FSDP2-sharded model the blocks are gathered once for the whole decode and ranks stop together (every rank
     steps until all ranks are done), so uneven lengths cannot hang a collective; a replica decodes on its own.
-    `progress`: a tqdm bar of that name over the decode steps on rank 0, shown if decoding lasts over 2 s.
+    `progress`: a `progress_bar` of that name over the decode steps.
     `return_logprobs`: also return (N, T) the sampled tokens' log-probs under the distribution that drew them (the
     rollout model's tempered, filtered softmax; 0 when greedy), read off the sampler at no extra forward.
     """
@@ -195,7 +204,7 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_i
                        use_cache=True, logits_to_keep=1).logits[:, -1]
         token, logp = sample_with_logprob(logits.float(), temperature, top_p, top_k, uniforms[0])
         every = sync_every(device)
-        for t in tqdm(range(T), desc=progress, disable=not (progress and is_main()), delay=2, leave=False):
+        for t in progress_bar(range(T), progress):
             token = torch.where(done, pad_token_id, token)
             tokens[:, t], logps[:, t] = token, logp
             done |= torch.isin(token, eos)

@@ -5,8 +5,8 @@ One policy-gradient update per sampled batch, REINFORCE with the group mean as b
 (β·KL to the initial policy, k3 estimator by default); reset (the same KL, reference ← policy every R steps, §4);
 gr (finite-difference gradient regularisation, gr.py, §5). Runs as one process (`python`) or FSDP2 (`torchrun`).
 
-Shapes: N = sequences on this rank (prompts × G), P = prompt length (left-padded),
-T = completion length (right-padded), V = vocabulary.
+Shapes: N = sequences on this rank (prompts × G), P = prompt length (left-padded), T = completion length
+(right-padded), V = vocabulary.
 """
 
 import dataclasses
@@ -20,17 +20,18 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from distributed import (all_reduce_max, all_reduce_sum, autocast, gradient_sync, init_distributed, is_main, keep_freed_memory,
-                         rank_and_world, rank_device, reshard, seed_everything, shard, step_generator, step_seed)
+from distributed import (all_reduce_max, all_reduce_sum, autocast, gradient_sync, init_distributed, is_main,
+                         keep_freed_memory, rank_and_world, rank_device, reshard, seed_everything, shard, step_generator,
+                         step_seed)
 from generation import (decode_completions, generate, has_eos, position_ids, prepare_decode, refresh_rollout_model,
                         rollout_model, tokenize_prompts)
 from gr import clip_, gr_backward, local_shard
 from loading import check_model_path, check_ranges, eos_token_ids, fail, load_model, load_tokenizer, short_prompts
 from logprobs import head_returns_logprobs
 from rewards import render_chat
-from rundir import (TRACKER_PACKAGES, Timer, check_run_flags, check_trackers, claim_out_dir, duration, load_trainer_state,
-                    log_jsonl, open_trackers, release_dir, restart_metrics, resume_point, save_checkpoint,
-                    write_atomic, write_summary)
+from rundir import (TRACKER_PACKAGES, Timer, check_run_flags, check_trackers, claim_out_dir, closing_line, duration,
+                    load_trainer_state, log_jsonl, open_trackers, release_dir, restart_metrics, resume_point,
+                    save_checkpoint, write_atomic, write_summary)
 
 REGS = ("none", "kl", "reset", "gr")
 
@@ -301,8 +302,7 @@ class RLConfig:
         "help": "experiment tracker(s) that also receive metrics.jsonl's records (rank 0)", "repeatable": True,
         "choices": ("none", *TRACKER_PACKAGES)})
     # What a --resume may change: when the run evaluates, saves and logs, and how it computes (batching, precision,
-    # memory). Every other flag defines the experiment and must be the run's, unless --allow-change names it; a
-    # script's own flags define it too, unless its Config adds them here.
+    # memory). Every other flag, a script's own too unless its Config adds it here, defines the experiment.
     FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (
         "out_dir", "steps", "eval_every", "save_every", "keep_checkpoints", "resume", "allow_change", "overwrite",
         "report_to", "log_kl_init", "micro_batch_size", "gen_batch_size", "dtype", "update_dtype", "rollout_replica",
@@ -423,8 +423,10 @@ def rl_train(cfg: RLConfig, rows: list[dict], make_prompt, score, evaluate=None)
 
     def finish(stopped: str) -> None:
         close_trackers()
-        write_summary(out, stopped=stopped, seconds=time.time() - t_start,
-                      sequences_per_step=cfg.prompts_per_step * cfg.group_size)
+        summary = write_summary(out, stopped=stopped, seconds=time.time() - t_start,
+                                sequences_per_step=cfg.prompts_per_step * cfg.group_size)
+        if main:
+            print(closing_line(out, stopped, summary), flush=True)
         release_dir(out)
 
     try:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -19,8 +20,10 @@ def fail(message: str):
 def parse_config(cls, argv=None, presets: dict[str, dict] | None = None):
     """Dataclass -> argparse: one `--flag-name` per field, help text from `field(metadata={"help": ...})`.
 
-    `--preset NAME` first applies a named set of defaults (e.g. the offline toy); explicit flags win.
+    `--preset NAME` first applies a named set of defaults (e.g. the offline toy); explicit flags win. Every script
+    starts here, so this is also where HF's progress bars are kept out of log files.
     """
+    hf_progress_bars_on_terminal_only()
     parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if presets:
@@ -60,6 +63,16 @@ def check_ranges(cfg, *, positive=(), non_negative=()) -> None:
 def is_hub_id(name: str) -> bool:
     """`org/name` that is not a local path: what the hub is asked for."""
     return not name.startswith((".", "/", "~")) and name.count("/") == 1 and not Path(name).expanduser().exists()
+
+
+def hf_progress_bars_on_terminal_only() -> None:
+    """HF's own progress bars (loading weights, writing model shards, generating a dataset split) on a terminal only:
+    in a log file their carriage returns run into the step lines."""
+    if not sys.stderr.isatty():
+        import datasets
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
 
 
 def check_model_path(name_or_path: str, what: str = "--model") -> None:
@@ -148,11 +161,27 @@ def load_reward_model(name_or_path, device, *, pad_token_id: int, dtype=torch.fl
     LM), eval mode. `pad_token_id` is set in its config: HF's forward refuses batches without one (the score itself
     is read at the last attended token, `rewards.rm_last_token_scores`)."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # HF's load report (a table in ANSI colours) for the expected new head: one line below
     try:
-        rm = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=dtype,
-                                                                trust_remote_code=trust_remote_code)
+        rm, info = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
     except (OSError, ValueError) as e:
         cannot_load("reward model", name_or_path, e)
+    finally:
+        logging.set_verbosity(verbosity)
+    head = sorted(k for k in info["missing_keys"] if k.startswith("score."))  # a causal LM's new scalar head
+    other, unused = sorted(set(info["missing_keys"]) - set(head)), sorted(info["unexpected_keys"])
+    notes = []
+    if head:
+        notes.append(f"new scalar head {', '.join(head)}, randomly initialised (expected: a causal LM becomes the RM)")
+    if other:
+        notes.append(f"weights missing from the checkpoint, randomly initialised: {', '.join(other)}")
+    if unused:
+        notes.append(f"checkpoint weights not used: {', '.join(unused)}")
+    if notes and int(os.environ.get("RANK", 0)) == 0:  # rank 0 says it once (torchrun sets RANK)
+        print(("warning: " if other else "") + f"reward model {name_or_path}: " + "; ".join(notes))
     rm.config.pad_token_id = pad_token_id
     return rm.to(device).eval()
 

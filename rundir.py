@@ -396,3 +396,11 @@ def write_summary(out_dir, *, stopped: str, seconds: float, sequences_per_step: 
             summary["best_eval"][key] = {"value": value, "step": step}
     (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def closing_line(out, stopped: str, summary: dict) -> str:
+    """How the run ended and what it wrote where: the last line a log shows."""
+    ckpt = latest_checkpoint(out)
+    return (f"run {'completed' if stopped == 'completed' else 'stopped'}: {summary['steps_done']} steps in "
+            f"{duration(summary['wall_seconds_this_run'])}; wrote {out}/: metrics.jsonl, summary.json"
+            f"{', ' + ckpt.name if ckpt else ''}")

@@ -17,8 +17,8 @@ at half the lr (anything that slows learning looks safer per step), KL at β = 0
 on both toys), reset (β 0.3, R = 20) and GR at γ ∈ {1e-3, 1e-2, 3e-2}, each on 3 seeds. Outputs under --out-dir:
 each run's metrics.jsonl, table.md (mean ± sd over seeds of: final and best true reward, final proxy reward, KL to
 the initial policy, GR's correction ratio, final sharpness, final proxy BT accuracy), true_vs_kl.png (true reward vs
-KL to init, every run, Fig. 4 style) and diagnostics.png (sharpness, proxy accuracy and GR's correction ratio over
-steps, mean over seeds).
+KL to init, one curve per regime: the mean over seeds in bins of KL, their range as a band; Fig. 4 style) and
+diagnostics.png (sharpness, proxy accuracy and GR's correction ratio over steps, mean over seeds).
 """
 
 import os
@@ -136,21 +136,63 @@ def table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def kl_frontier(runs: list[tuple[list[float], list[float]]], bins: int = 10) -> list[tuple[float, float, float, float]]:
+    """One regime's true reward as a function of KL to the initial policy, from its seeds' runs [(KL per step, true
+    reward per step)]: the seeds' points pooled and cut at KL quantiles into `bins` bins; in each bin every seed's mean
+    true reward, then their mean and range. Returns (mean KL of the bin's points, mean over seeds, min, max) for the
+    bins that at least two seeds reach (every bin with one seed), in order of KL."""
+    pooled = sorted(k for kls, _ in runs for k in kls)
+    edges = [pooled[round(i * (len(pooled) - 1) / bins)] for i in range(1, bins)]
+    kl_in, true_in = {}, {}  # bin -> its KL values; bin -> {seed: its true rewards there}
+    for seed, (kls, trues) in enumerate(runs):
+        for k, t in zip(kls, trues):
+            b = sum(k >= e for e in edges)
+            kl_in.setdefault(b, []).append(k)
+            true_in.setdefault(b, {}).setdefault(seed, []).append(t)
+    curve = []
+    for b in sorted(kl_in):
+        per_seed = [statistics.mean(ts) for ts in true_in[b].values()]
+        if len(per_seed) >= min(2, len(runs)):
+            curve.append((statistics.mean(kl_in[b]), statistics.mean(per_seed), min(per_seed), max(per_seed)))
+    return curve
+
+
+def regime_colors(names) -> dict[str, tuple]:
+    """One colour family per kind of regime (no regularisation grey, KL blue, resets green, GR red), a darker shade
+    for each further regime of the family, so the families stand apart in a plot of many regimes."""
+    import matplotlib
+    families = {"none": "Greys", "kl": "Blues", "reset": "Greens", "gr": "Reds"}
+    members = {f: [n for n in names if n.split("-")[0] == f] for f in families}
+    colors = {}
+    for f, ns in members.items():
+        for i, n in enumerate(ns):
+            colors[n] = matplotlib.colormaps[families[f]](0.55 + 0.4 * i / max(len(ns) - 1, 1))
+    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {n: colors.get(n, cycle[i % len(cycle)]) for i, n in enumerate(names)}
+
+
 def plot(task: str, spec: dict, runs: dict[str, list[Path]], out: Path) -> list[Path]:
-    """true_vs_kl.png: true reward (moving average) against KL to init, every run, one colour per regime (Fig. 4).
-    diagnostics.png: sharpness and proxy BT accuracy at the evals, GR's correction ratio per step; mean over seeds."""
+    """true_vs_kl.png: true reward (moving average) against KL to init, one curve per regime: the mean over seeds in
+    bins of KL with the seeds' range as a band (`kl_frontier`; Fig. 4). diagnostics.png: sharpness and proxy BT
+    accuracy at the evals, GR's correction ratio per step; mean over seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    colors = dict(zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    colors = regime_colors(list(runs))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, paths in runs.items():
-        for k, path in enumerate(paths):
-            rows = [r for r in load_metrics(path) if r["step"] > 0 and "kl_init" in r]
-            ax.plot([r["kl_init"] for r in rows], moving_average([r[spec["true"]] for r in rows]), color=colors[name],
-                    alpha=0.8, linewidth=1, label=name if k == 0 else None)
-    ax.set(xlabel="KL to the initial policy", ylabel=f"true reward ({spec['true']})",
-           title=f"{task}: true reward vs KL")
+        seeds = []
+        for path in paths:
+            rows = [r for r in load_metrics(path) if r["step"] >= 0 and "kl_init" in r]
+            seeds.append(([r["kl_init"] for r in rows], moving_average([r[spec["true"]] for r in rows])))
+        curve = kl_frontier([s for s in seeds if s[0]])
+        if curve:
+            kl, mean, low, high = zip(*curve)
+            ax.plot(kl, mean, color=colors[name], marker="o", markersize=3, linewidth=1.5, label=name)
+            ax.fill_between(kl, low, high, color=colors[name], alpha=0.15, linewidth=0)
+    ax.set(xlabel="KL to the initial policy (binned)", ylabel=f"true reward ({spec['true']})",
+           title=f"{task}: true reward vs KL, mean over {max(map(len, runs.values()))} seeds, band: their range")
+    ax.title.set_fontsize(10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -169,7 +211,8 @@ def plot(task: str, spec: dict, runs: dict[str, list[Path]], out: Path) -> list[
                         marker="o" if key.startswith("eval/") else None, markersize=3, label=name)
         ax.set(xlabel="step", ylabel=label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.suptitle(f"{task}: mean over seeds")
     fig.tight_layout()
     fig.savefig(out / "diagnostics.png", dpi=110)

@@ -4,7 +4,9 @@ synthetic data in the real datasets' schemas, so every script runs end to end on
     python toy.py gsm8k     # build (cached under .cache/toy/): data, tokenizer, SFT policy
     python toy.py judge     # and the tiny LLM judge for train_judge.py
 
-The training scripts call these builders themselves for `--preset toy`; artefacts are reused once built.
+The training scripts call these builders themselves for `--preset toy`; artefacts are reused once built. Every entry
+point that runs a toy calls `pin_kernels` first, so that a toy gives the same numbers, bit for bit, on any x86-64 CPU
+with AVX2.
 GSM8K toy: one-step arithmetic word problems written like GSM8K (`question`, `answer` ending in `#### N`).
 The SFT policy is trained briefly on a mix of the paper's <reasoning>/<answer> format (70%) and a plain
 "The answer is N." style (30%), so it follows the format part of the time and RL has room to improve.
@@ -20,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from distributed import is_main
 from generation import generate_texts
-from loading import load_model, load_tokenizer
+from loading import hf_progress_bars_on_terminal_only, load_model, load_tokenizer
 from rewards import gsm8k_gold, gsm8k_messages, gsm8k_rewards, judge_messages, judge_rewards, render_chat
 from supervised import sft_batch, sft_loss, supervised_train
 
@@ -38,6 +41,27 @@ TAGS = ["<reasoning>", "</reasoning>", "<answer>", "</answer>"]
 
 NAMES = ["Tom", "Ann", "Ravi", "Mia", "Lee", "Sara", "Omar", "Lena", "Ken", "Ada"]
 ITEMS = ["apple", "book", "coin", "pencil", "card", "egg", "shell", "marble", "sticker", "cookie"]
+
+
+# ----------------------------------------------------------------------------- the same numbers on every CPU
+
+# A CPU's own fastest kernels round differently from another CPU's (AVX-512 vs AVX2 reductions and softmax in ATen,
+# MKL's per-vendor and per-ISA matmuls, a split across more threads), and sampling turns a last-bit difference into
+# other completions within a few steps. So the toys run on one code path: ATen's AVX2 kernels (every x86-64 CPU since
+# 2013-15), MKL's SSE2 "compatible" branch (the same results on every Intel and compatible CPU at a fixed number of
+# threads, by MKL's conditional-reproducibility rules), one thread, and no oneDNN. Measured cost: README.
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
+
+
+def pin_kernels() -> None:
+    """Put this process on the toys' one CPU code path (above). Call it before the first tensor operation: ATen and
+    MKL read their settings once, at first use. A CPU without AVX2 (or not x86) runs its own kernels; it says so."""
+    os.environ.update(PINNED_KERNELS)
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX2" and is_main():
+        print(f"note: this CPU runs ATen's {capability} kernels, not AVX2: the toys' numbers may differ from the README's")
 
 
 # ----------------------------------------------------------------------------- data
@@ -108,7 +132,7 @@ def build_tokenizer(texts: list[str], vocab_size: int = 800):
     tok.decoder = decoders.ByteLevel()
     tok.add_tokens(TAGS)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>",
                                    padding_side="left")
@@ -303,7 +327,7 @@ def build_tldr_tokenizer(texts: list[str], vocab_size: int = 400):
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>",
                                    padding_side="left")
@@ -332,4 +356,6 @@ if __name__ == "__main__":
     builders = {"gsm8k": build_gsm8k_policy, "judge": build_gsm8k_judge, "tldr": build_tldr_base}
     if len(sys.argv) != 2 or sys.argv[1] not in builders:
         raise SystemExit(f"usage: python toy.py {{{'|'.join(builders)}}}")
+    pin_kernels()
+    hf_progress_bars_on_terminal_only()
     print(builders[sys.argv[1]]())

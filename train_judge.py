@@ -57,6 +57,8 @@ FORMAT_TERMS = ("int_format", "strict_format", "soft_format", "xml_count")
 
 def main(cfg: Config):
     toy_models = {str(toy.GSM8K_POLICY), str(toy.judge_path())}
+    if cfg.model in toy_models or cfg.judge in toy_models:
+        toy.pin_kernels()  # the same numbers on every CPU; before any tensor operation
     grpo.validate(cfg, check_model=cfg.model not in toy_models)
     loading.check_ranges(cfg, positive=("judge_batch_size", "judge_max_new_tokens"),
                          non_negative=("eval_pairs", "sharpness_perturbations", "sharpness_sigma", "sharpness_prompts"))

@@ -48,7 +48,7 @@ class Config(grpo.RLConfig):
 
 
 PRESETS = {
-    # Offline toy: a 0.5M-param Qwen2 SFT'd on synthetic GSM8K-style problems (toy.py builds it on first use).
+    # Offline toy: a 0.82M-param Qwen2 SFT'd on synthetic GSM8K-style problems (toy.py builds it on first use).
     "toy": dict(model=str(toy.GSM8K_POLICY), dataset=str(toy.GSM8K_TRAIN), test_dataset=str(toy.GSM8K_TEST),
                 out_dir="runs/toy_math", system_prompt="", steps=60, prompts_per_step=16, group_size=8,
                 max_new_tokens=32, max_prompt_tokens=128, micro_batch_size=128, lr=1e-4, eval_every=20,
@@ -83,8 +83,10 @@ def load_task(cfg: Config):
 
 
 def main(cfg: Config):
-    resolve_task_defaults(cfg)
     toy_policy = cfg.model == str(toy.GSM8K_POLICY)
+    if toy_policy:
+        toy.pin_kernels()  # the same numbers on every CPU; before any tensor operation
+    resolve_task_defaults(cfg)
     grpo.validate(cfg, check_model=not toy_policy)
     loading.check_ranges(cfg, non_negative=("grader_workers",))
     if toy_policy:  # built on first use, after the flags are checked

@@ -350,7 +350,7 @@ def run_rl(cfg: Config, train_rows: list[dict], test_rows: list[dict]) -> dict:
                          evaluation.tldr_messages, score, evaluate)
     if distributed.is_main():
         out = Path(cfg.rl_dir)
-        plots.plot_runs([out], out / "curves.png", plots.TLDR_PANELS, title=out.name)
+        plots.plot_runs([out], out / "curves.png", title=out.name)
         print(f"rl: {cfg.steps} steps in {time.time() - t0:.0f}s; curves in {out / 'curves.png'}")
     return last
 
@@ -410,6 +410,8 @@ def claim_stages(cfg: Config) -> list[str]:
 
 def main(cfg: Config) -> dict:
     cfg = resolve(cfg)
+    if cfg.model == str(toy.TLDR_BASE):
+        toy.pin_kernels()  # the same numbers on every CPU; before any tensor operation
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # tiny models: one thread is as fast, and robust to a busy machine
     if cfg.model == str(toy.TLDR_BASE):

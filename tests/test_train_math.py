@@ -79,7 +79,8 @@ def test_smoke_each_reg(small_toy, tmp_path, reg):
 
 def test_torchrun_two_processes(small_toy, tmp_path):
     """2 ranks: the run completes, and its sharded eval of the initial policy (4 problems per rank, gathered) reports
-    the pass@1 a naive greedy loop gives on problems whose gold is that loop's answer on every other row."""
+    the pass@1 a naive greedy loop gives on problems whose gold is that loop's answer on every other row. Its output,
+    a log file's: no progress bar (ours or HF's), no blank line, and a closing line naming what was written where."""
     train, test, policy = small_toy
     rows = [json.loads(line) for line in Path(test).read_text().splitlines()][:8]
     expected = rows_answered_by(policy, rows, 20, tmp_path / "test.jsonl")
@@ -91,6 +92,9 @@ def test_torchrun_two_processes(small_toy, tmp_path):
     assert initial["step"] == 0 and initial["eval/pass@1_greedy"] == expected > 0
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     assert rundir.latest_checkpoint(tmp_path).name == "ckpt-000003"
+    assert "\r" not in proc.stdout + proc.stderr and "" not in proc.stdout.splitlines()
+    assert re.fullmatch(rf"run completed: 3 steps in \d+m\d\ds; wrote {re.escape(str(tmp_path))}/: metrics.jsonl, "
+                        r"summary.json, ckpt-000003", proc.stdout.splitlines()[-1])
 
 
 def test_eval_on_saved_checkpoint(small_toy, tmp_path):
