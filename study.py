@@ -22,6 +22,7 @@ KL to init, every run, Fig. 4 style) and diagnostics.png (sharpness, proxy accur
 steps, mean over seeds).
 """
 
+import json
 import os
 import statistics
 import subprocess
@@ -64,7 +65,8 @@ class StudyConfig:
     tasks: str = field(default="judge,rm", metadata={"help": "comma-separated: judge, rm"})
     seeds: int = field(default=3, metadata={"help": "seeds per regime"})
     quick: bool = field(default=False, metadata={"help": "the one-seed sweep of KL β and GR γ instead"})
-    steps: int = field(default=0, metadata={"help": "RL steps of every run (0 = per task: judge 30, rm 100)"})
+    steps: int = field(default=0, metadata={"help": "RL steps of every run (0 = per task: judge 30, rm 100; the "
+                                                    "Gaussian toy 300)"})
     reset_every: int = field(default=20, metadata={"help": "R for --reg reset (scaled down from the paper's 200)"})
     parallel: int = field(default=2, metadata={"help": "runs at a time (one thread each)"})
     out_dir: str = field(default="runs/study", metadata={"help": "where runs, table and plots go"})
@@ -228,7 +230,8 @@ def gaussian_summary(history: list[dict]) -> dict:
 
 def gaussian_study(cfg: StudyConfig) -> str:
     """Every regime of gaussian_toy.REGIMES on both proxies and --seeds seeds: table.md (mean ± sd at the last
-    evaluation), action_plane.png (the paths of μ_φ(0), seed 0) and curves_<proxy>.png (§3's quantities over steps)."""
+    evaluation), action_plane.png (the paths of μ_φ(0), seed 0), curves_<proxy>.png (§3's quantities over steps)
+    and runs.json (every run's measurements, by proxy, seed and regime)."""
     if cfg.quick:
         grpo.fail("--quick is a sweep of the language toys; the Gaussian toy has one sweep")
     toy = gaussian_toy.ToyConfig(**({"steps": cfg.steps} if cfg.steps else {}))
@@ -237,6 +240,8 @@ def gaussian_study(cfg: StudyConfig) -> str:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gaussian_toy.plot_action_plane(results, out / "action_plane.png")
+    (out / "runs.json").write_text(json.dumps({kind: [{name: r["history"] for name, r in run["regimes"].items()}
+                                                      for run in runs] for kind, runs in results.items()}))
     bound = gaussian_toy.bt_lower_bound(toy.K, toy.lipschitz, toy.delta, 1.0)
     report = [f"# The Gaussian toy of §3 ({cfg.seeds} seeds, {toy.steps} steps)\n",
               f"σ = {toy.sigma}, L = {toy.lipschitz:.2f}, δ = {toy.delta:.2f}, K = {toy.k_over_l_delta:g}Lδ = "

@@ -2,7 +2,9 @@
 policy MLP by double backward, and a smoke of `study.py --toy gaussian`."""
 
 import dataclasses
+import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -172,5 +174,11 @@ def test_study_gaussian_smoke(tmp_path, monkeypatch):
     rm = text.split("## proxy rm")[1]
     rm_accuracy, true_accuracy = (float(x) for x in (rm.split("accuracy ")[1][:5], rm.split("R* itself: ")[1][7:12]))
     assert rm_accuracy > 0.5 and abs(rm_accuracy - true_accuracy) < 0.05
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    assert [len(runs[kind]) for kind in gt.PROXIES] == [2, 2] and set(runs["rm"][1]) == set(gt.REGIMES)
+    assert [h["step"] for h in runs["spikes"][0]["gr-g1"]] == [0, 3]  # every eval_every steps and after the last
+    final_true = [run["gr-g1"][-1]["true"] for run in runs["spikes"]]  # the table's first column, from the raw runs
+    spikes = text.split("## proxy spikes")[1]
+    assert f"| gr-g1 | 2 | {statistics.mean(final_true):.3f} ± {statistics.stdev(final_true):.3f} |" in spikes
     for png in ("action_plane.png", "curves_rm.png", "curves_spikes.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
