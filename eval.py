@@ -30,8 +30,13 @@ import torch
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+import distributed
+import generation
 import grpo
+import loading
+import plots
 import toy
+from gr import clip_, local_shard, restored
 from rewards import (QWEN_SYSTEM_PROMPT, bradley_terry_loss, gsm8k_gold, gsm8k_messages, gsm8k_rewards,
                      math_messages, math_rewards_batch, render_chat, rm_scores, rm_scores_from_ids)
 
@@ -97,21 +102,34 @@ def pass_at_1(model, tokenizer, task: str, rows: list[dict], *, system_prompt: s
               batch_size: int, temperature: float = 0.0, samples: int = 1, seed: int = 0) -> list[float | None]:
     """Per-problem accuracy (mean over `samples` completions; greedy when temperature is 0), all ranks' problems
     gathered in order. Every rank must call this."""
-    rank, world = grpo.rank_and_world()
-    mine = grpo.shard_list(list(range(len(rows))), rank, world)
+    rank, world = distributed.rank_and_world()
+    mine = distributed.shard_list(list(range(len(rows))), rank, world)
     prompts = [render_chat(tokenizer, prompt_messages(task, rows[i], system_prompt)) for i in mine]
     scores, valid = torch.zeros(len(mine), dtype=torch.float64), torch.ones(len(mine), dtype=torch.bool)
     for k in range(samples):
-        generator = grpo.step_generator(seed, k, rank, next(model.parameters()).device)
-        batches = grpo.rollouts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                batch_size=batch_size, generator=generator)
+        generator = distributed.step_generator(seed, k, rank, next(model.parameters()).device)
+        batches = generation.rollouts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                      batch_size=batch_size, generator=generator)
         texts = [t for b in tqdm(batches, desc=f"eval {task} {k + 1}/{samples}", total=-(-len(prompts) // batch_size),
                                  disable=rank != 0, delay=2, leave=False) for t in b["texts"]]
         for j, g in enumerate(grade(task, [rows[i] for i in mine], texts)):
             valid[j] &= g is not None
             scores[j] += (g or 0.0) / samples
-    gathered = grpo.all_gather_rows(torch.stack([scores, valid.double()], 1), mine, len(rows))
+    gathered = distributed.all_gather_rows(torch.stack([scores, valid.double()], 1), mine, len(rows))
     return [s if v else None for s, v in gathered.tolist()]
+
+
+def pass_at_1_evaluator(task: str, rows: list[dict], *, system_prompt: str | None, max_new_tokens: int,
+                        batch_size: int, temperature: float, seed: int):
+    """evaluate(model, tokenizer, step) -> pass@1 on `rows`, greedy and with one sample at `temperature` (the
+    reasoning RL loops' eval). Every rank calls it."""
+    common = dict(system_prompt=system_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+    def evaluate(model, tokenizer, step):
+        greedy = pass_at_1(model, tokenizer, task, rows, **common)
+        sampled = pass_at_1(model, tokenizer, task, rows, temperature=temperature, seed=seed, **common)
+        return {"pass@1_greedy": mean(greedy), "pass@1_sampled": mean(sampled)}
+    return evaluate
 
 
 def mean(xs) -> float:
@@ -143,20 +161,20 @@ def load_tldr_rows(dataset: str, split: str, prompt_field: str | None = None,
                    reference_field: str | None = None) -> list[dict]:
     """Rows {"prompt", "reference"} of a hub split or local file; the fields default to the first present of
     TLDR_PROMPT_FIELDS / TLDR_REFERENCE_FIELDS (trl-lib/tldr, Huang et al.'s query / reference_response)."""
-    rows = grpo.load_rows(dataset, split, ())
+    rows = loading.load_rows(dataset, split, ())
     columns = list(rows[0])
 
     def pick(given, candidates, what):
         for c in [given] if given else candidates:
             if c in columns:
                 return c
-        grpo.fail(f"dataset {dataset!r} has no {what} field ({given or list(candidates)}); it has {columns}")
+        loading.fail(f"dataset {dataset!r} has no {what} field ({given or list(candidates)}); it has {columns}")
 
     p, r = pick(prompt_field, TLDR_PROMPT_FIELDS, "prompt"), pick(reference_field, TLDR_REFERENCE_FIELDS, "reference")
     out = [{"prompt": row[p], "reference": row[r]} for row in rows
            if isinstance(row[p], str) and isinstance(row[r], str) and row[p].strip()]
     if not out:
-        grpo.fail(f"dataset {dataset!r} split {split!r} has no rows with a non-empty {p!r} and a {r!r} string")
+        loading.fail(f"dataset {dataset!r} split {split!r} has no rows with a non-empty {p!r} and a {r!r} string")
     return out
 
 
@@ -172,10 +190,10 @@ def make_gold(gold_rm: str, device, *, dtype=torch.float32, batch_size: int = 16
         return lambda rows, completions, has_eos: torch.tensor(
             [toy.tldr_gold_reward(r["prompt"], c, bool(e)) for r, c, e in zip(rows, completions, has_eos)],
             dtype=torch.float32)
-    tokenizer = grpo.load_tokenizer(gold_rm, trust_remote_code)
+    tokenizer = loading.load_tokenizer(gold_rm, trust_remote_code)
     tokenizer.padding_side = "right"
-    rm = grpo.load_reward_model(gold_rm, device, pad_token_id=tokenizer.pad_token_id, dtype=dtype,
-                                trust_remote_code=trust_remote_code).requires_grad_(False)
+    rm = loading.load_reward_model(gold_rm, device, pad_token_id=tokenizer.pad_token_id, dtype=dtype,
+                                   trust_remote_code=trust_remote_code).requires_grad_(False)
 
     def gold(rows, completions, has_eos):
         convs = [tldr_messages(r) + [{"role": "assistant", "content": c}] for r, c in zip(rows, completions)]
@@ -190,12 +208,14 @@ def make_gold(gold_rm: str, device, *, dtype=torch.float32, batch_size: int = 16
     return gold
 
 
-def make_proxy(rm, tokenizer, *, eos_penalty: float = -1.0, batch_size: int = 16):
+def make_proxy(rm, tokenizer, *, eos_penalty: float | None = -1.0, batch_size: int = 16):
     """proxy(rows, completions, has_eos) -> (N,) float32 CPU: the proxy RM on prompt + completion + EOS, and
-    `eos_penalty` for a completion without EOS (the authors' -1)."""
+    `eos_penalty` for a completion without EOS (the authors' -1, the trained reward). eos_penalty None: the RM's own
+    score of every completion (+ EOS), which is what its Bradley-Terry loss and accuracy measure."""
     def proxy(rows, completions, has_eos):
         prompts = [render_chat(tokenizer, tldr_messages(r)) for r in rows]
-        return rm_scores(rm, tokenizer, prompts, completions, has_eos, eos_penalty=eos_penalty,
+        ended = torch.ones(len(rows), dtype=torch.bool) if eos_penalty is None else has_eos
+        return rm_scores(rm, tokenizer, prompts, completions, ended, eos_penalty=eos_penalty or 0.0,
                          batch_size=batch_size).float().cpu()
     return proxy
 
@@ -231,14 +251,13 @@ def kl_to_reference(logp, ref_logp, mask) -> torch.Tensor:
 
 @torch.no_grad()
 def sequence_kl(model, ref_model, batch: dict, temperature: float) -> torch.Tensor:
-    """(N,) `kl_to_reference` of a `grpo.rollouts` batch."""
-    ids = torch.cat([batch["prompt_ids"], batch["completion"]], 1)
-    mask = torch.cat([batch["prompt_mask"], batch["cmask"]], 1)
+    """(N,) `kl_to_reference` of a `generation.rollouts` batch."""
+    b = grpo.rl_batch(batch["prompt_ids"], batch["prompt_mask"], batch["completion"], batch["cmask"])
     T = batch["completion"].shape[1]
-    logp = grpo.token_logprobs(model, ids, mask, T, temperature)[0]
-    grpo.reshard(model)
-    ref_logp = grpo.token_logprobs(ref_model, ids, mask, T, temperature)[0]
-    grpo.reshard(ref_model)
+    logp = grpo.token_logprobs(model, b["input_ids"], b["attention_mask"], T, temperature)[0]
+    distributed.reshard(model)
+    ref_logp = grpo.token_logprobs(ref_model, b["input_ids"], b["attention_mask"], T, temperature)[0]
+    distributed.reshard(ref_model)
     return kl_to_reference(logp, ref_logp, batch["cmask"]).cpu()
 
 
@@ -254,37 +273,35 @@ def sharpness(model, objective, *, perturbations: int = 32, sigma: float = 0.02,
     Returns sharpness, J, J_perturbed_mean."""
     params = list(model.parameters()) if params is None else list(params)
     sharded = [isinstance(p, DTensor) for p in params]
-    local = [p.detach().to_local() if s else p.detach() for p, s in zip(params, sharded)]
-    saved = [t.clone() for t in local]
+    local = [local_shard(p.detach()) for p in params]
     sq = torch.stack([t.double().pow(2).sum() for t in local])
-    sq = torch.where(torch.tensor(sharded, device=sq.device), grpo.all_reduce_sum(sq), sq)
+    sq = torch.where(torch.tensor(sharded, device=sq.device), distributed.all_reduce_sum(sq), sq)
     rms = (sq / torch.tensor([p.numel() for p in params], dtype=torch.float64, device=sq.device)).sqrt().tolist()
-    rank = grpo.rank_and_world()[0]
+    rank = distributed.rank_and_world()[0]
     j0 = objective()
     drops = []
     for i in tqdm(range(perturbations), desc="sharpness", disable=rank != 0, delay=2, leave=False):
-        gens = {}  # one generator per kind: rank-specific for shards, shared for replicated weights
-        for t, r, s in zip(local, rms, sharded):
-            if s not in gens:
-                state = int(np.random.SeedSequence([seed, i, rank if s else 0]).generate_state(1)[0])
-                gens[s] = torch.Generator(device=t.device).manual_seed(state)
-            t.add_(torch.randn(t.shape, generator=gens[s], device=t.device, dtype=t.dtype), alpha=sigma * r)
-        try:
+        with restored(local):
+            gens = {}  # one generator per kind: rank-specific for shards, shared for replicated weights
+            for t, r, s in zip(local, rms, sharded):
+                if s not in gens:
+                    state = int(np.random.SeedSequence([seed, i, rank if s else 0]).generate_state(1)[0])
+                    gens[s] = torch.Generator(device=t.device).manual_seed(state)
+                t.add_(torch.randn(t.shape, generator=gens[s], device=t.device, dtype=t.dtype), alpha=sigma * r)
             drops.append(j0 - objective())
-        finally:
-            torch._foreach_copy_(local, saved)
     return {"sharpness": max(drops) if drops else 0.0, "J": j0,
             "J_perturbed_mean": j0 - sum(drops) / len(drops) if drops else j0}
 
 
 def policy_samples(model, tokenizer, items: list[dict], messages, *, temperature: float, stream: int, seed: int,
                    max_new_tokens: int, batch_size: int):
-    """`grpo.rollouts` batches for the rows `items` (prompt = messages(row)), sampled with fixed draws (a function
+    """`generation.rollouts` batches for the rows `items` (prompt = messages(row)), sampled with fixed draws (a function
     of seed, stream and rank: the same at every eval); temperature 0 = greedy."""
-    rank, device = grpo.rank_and_world()[0], next(model.parameters()).device
-    gen = None if temperature == 0 else grpo.step_generator(seed, 10**6 + stream, rank, device)
-    return grpo.rollouts(model, tokenizer, [render_chat(tokenizer, messages(r)) for r in items],
-                         max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, generator=gen)
+    rank, device = distributed.rank_and_world()[0], next(model.parameters()).device
+    gen = None if temperature == 0 else distributed.step_generator(seed, 10**6 + stream, rank, device)
+    return generation.rollouts(model, tokenizer, [render_chat(tokenizer, messages(r)) for r in items],
+                               max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
+                               generator=gen)
 
 
 def score_batches(batches, items: list[dict], batch_size: int, *scorers) -> torch.Tensor:
@@ -295,49 +312,55 @@ def score_batches(batches, items: list[dict], batch_size: int, *scorers) -> torc
 
 def proxy_on_policy(model, tokenizer, rows: list[dict], messages, proxy, gold, *, init_model=None, **sampling) -> dict:
     """Two samples per row from the policy: the proxy's Bradley-Terry loss / accuracy on them as pairs oriented by
-    the gold (true) reward, the samples' mean proxy and gold reward, and with `init_model` the KL to it."""
-    rank, world = grpo.rank_and_world()
-    mine = grpo.shard_list(list(range(len(rows))), rank, world)
+    the gold (true) reward (score both with the reward models' own outputs, not with a length penalty), the samples'
+    mean proxy and gold reward, their share without EOS, and with `init_model` the KL to it."""
+    rank, world = distributed.rank_and_world()
+    mine = distributed.shard_list(list(range(len(rows))), rank, world)
     twice = [rows[i] for i in mine for _ in range(2)]
     batches = list(policy_samples(model, tokenizer, twice, messages, stream=1, **sampling))
-    cols = score_batches(batches, twice, sampling["batch_size"], proxy, gold)
+    cols = [score_batches(batches, twice, sampling["batch_size"], proxy, gold).double(),
+            torch.cat([~b["ended"] for b in batches]).double()[:, None]]
     if init_model is not None:
-        cols = torch.cat([cols, torch.cat([sequence_kl(model, init_model, b, sampling["temperature"])
-                                           for b in batches])[:, None]], 1)
+        cols.append(torch.cat([sequence_kl(model, init_model, b, sampling["temperature"]) for b in batches])[:, None])
+    cols = torch.cat(cols, 1)
     k = cols.shape[1]
-    g = grpo.all_gather_rows(cols.view(len(mine), 2 * k), mine, len(rows))  # (proxy, gold[, kl]) of a, then of b
+    g = distributed.all_gather_rows(cols.view(len(mine), 2 * k), mine, len(rows))  # (proxy, gold, no EOS[, kl]) a, b
     out = {**bt_loss_on_policy(g[:, 0], g[:, k], g[:, 1], g[:, k + 1]),
-           "sampled_gold": g[:, [1, k + 1]].mean().item(), "sampled_proxy": g[:, [0, k]].mean().item()}
-    return {**out, "kl": g[:, [2, k + 2]].mean().item()} if init_model is not None else out
+           "sampled_gold": g[:, [1, k + 1]].mean().item(), "sampled_proxy": g[:, [0, k]].mean().item(),
+           "sampled_no_eos": g[:, [2, k + 2]].mean().item()}
+    return {**out, "kl": g[:, [3, k + 3]].mean().item()} if init_model is not None else out
 
 
 def proxy_sharpness(model, tokenizer, rows: list[dict], messages, proxy, *, perturbations: int, sigma: float,
                     **sampling) -> dict:
     """`sharpness` of J(φ) = the mean proxy reward of completions of `rows` sampled with fixed draws."""
-    rank, world = grpo.rank_and_world()
-    mine = grpo.shard_list(list(range(len(rows))), rank, world)
+    rank, world = distributed.rank_and_world()
+    mine = distributed.shard_list(list(range(len(rows))), rank, world)
     items = [rows[i] for i in mine]
 
     def objective():
         batches = policy_samples(model, tokenizer, items, messages, stream=2, **sampling)
-        return grpo.all_gather_rows(score_batches(batches, items, sampling["batch_size"], proxy), mine,
-                                    len(rows)).mean().item()
+        return distributed.all_gather_rows(score_batches(batches, items, sampling["batch_size"], proxy), mine,
+                                           len(rows)).mean().item()
 
     s = sharpness(model, objective, perturbations=perturbations, sigma=sigma, seed=sampling["seed"])
     return {"sharpness": s["sharpness"], "sharpness_J": s["J"], "sharpness_J_perturbed": s["J_perturbed_mean"]}
 
 
-def rlhf_evaluator(rows: list[dict], gold, proxy, init_model, *, pairs: int = 128, sharpness_prompts: int = 64,
-                   sharpness_perturbations: int = 32, sharpness_sigma: float = 0.02, **sampling):
+def rlhf_evaluator(rows: list[dict], gold, proxy, init_model, *, bt_proxy, pairs: int = 128,
+                   sharpness_prompts: int = 64, sharpness_perturbations: int = 32, sharpness_sigma: float = 0.02,
+                   **sampling):
     """evaluate(model, tokenizer, step) -> the RLHF metrics of `model` on `rows` (module docstring), for the RL loop
-    and `--task tldr`. `gold`/`proxy`: `make_gold`/`make_proxy`; `init_model`: the initial policy for the KL;
-    sampling: temperature, seed, max_new_tokens, batch_size. Every rank calls it; each generates its share."""
+    and `--task tldr`. `gold`/`proxy`: `make_gold`/`make_proxy` (the trained reward, EOS penalty included);
+    `bt_proxy`: the proxy RM's raw score (`make_proxy(..., eos_penalty=None)`), whose Bradley-Terry loss / accuracy on
+    policy pairs is reported; `init_model`: the initial policy for the KL; sampling: temperature, seed,
+    max_new_tokens, batch_size. Every rank calls it; each generates its share."""
     reference_gold = {}  # gold score of the dataset references, computed once
 
     def evaluate(model, tokenizer, step):
-        rank, world = grpo.rank_and_world()
+        rank, world = distributed.rank_and_world()
         # 1. greedy completions vs the references, both judged by the gold RM -> win rate
-        mine = grpo.shard_list(list(range(len(rows))), rank, world)
+        mine = distributed.shard_list(list(range(len(rows))), rank, world)
         items = [rows[i] for i in mine]
         batches = list(policy_samples(model, tokenizer, items, tldr_messages, stream=0,
                                       **{**sampling, "temperature": 0.0}))
@@ -347,12 +370,12 @@ def rlhf_evaluator(rows: list[dict], gold, proxy, init_model, *, pairs: int = 12
         lengths = torch.tensor([len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts])
         local = torch.stack([gold(items, texts, ended), proxy(items, texts, ended), reference_gold["scores"],
                              lengths.float(), ended.float()], 1)
-        g = grpo.all_gather_rows(local, mine, len(rows))
+        g = distributed.all_gather_rows(local, mine, len(rows))
         keys = ("gold", "proxy", "reference_gold", "length", "eos_rate")
         out = {"win_rate": win_rate(g[:, 0], g[:, 2]), **{k: g[:, j].mean().item() for j, k in enumerate(keys)}}
         # 2. the proxy's error on gold-labelled pairs of policy samples; KL to the initial policy
         if pairs:
-            out.update(proxy_on_policy(model, tokenizer, rows[:pairs], tldr_messages, proxy, gold,
+            out.update(proxy_on_policy(model, tokenizer, rows[:pairs], tldr_messages, bt_proxy, gold,
                                        init_model=init_model, **sampling))
         # 3. sharpness of J(φ) = mean proxy reward on fixed prompts with fixed sampling draws
         if sharpness_perturbations and sharpness_prompts:
@@ -367,24 +390,23 @@ def policy_gradient_norm(model, tokenizer, rows: list[dict], proxy, *, prompts: 
                          max_new_tokens: int, temperature: float, micro_batch_size: int, seed: int = 0) -> float:
     """‖∇ Dr.GRPO loss‖ (no KL) on `group_size` rollouts of the first `prompts` rows (the paper's 32 × 8), proxy
     rewards: the gradient norm the paper watches as a hacking signal, for a checkpoint."""
-    rank, world = grpo.rank_and_world()
-    mine = grpo.shard_list(list(range(min(prompts, len(rows)))), rank, world)
+    rank, world = distributed.rank_and_world()
+    mine = distributed.shard_list(list(range(min(prompts, len(rows)))), rank, world)
     items = [rows[i] for i in mine for _ in range(group_size)]
-    gen = grpo.step_generator(seed, 10**6 + 3, rank, next(model.parameters()).device)
+    gen = distributed.step_generator(seed, 10**6 + 3, rank, next(model.parameters()).device)
     prompts = [render_chat(tokenizer, tldr_messages(r)) for r in items]
-    b = next(grpo.rollouts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                           batch_size=len(items), generator=gen))
+    b = next(generation.rollouts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 batch_size=len(items), generator=gen))
     rewards = proxy(items, b["texts"], b["ended"]).to(b["completion"].device)
-    batch = {"input_ids": torch.cat([b["prompt_ids"], b["completion"]], 1),
-             "attention_mask": torch.cat([b["prompt_mask"], b["cmask"]], 1),
-             "completion_mask": b["cmask"], "advantages": grpo.group_advantages(rewards, group_size)}
+    batch = grpo.rl_batch(b["prompt_ids"], b["prompt_mask"], b["completion"], b["cmask"],
+                          grpo.group_advantages(rewards, group_size))
     T = b["completion"].shape[1]
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
         for mb in grpo.micro_batches(batch, micro_batch_size):
             logp, _ = grpo.token_logprobs(model, mb["input_ids"], mb["attention_mask"], T, temperature)
             grpo.dr_grpo_loss(logp, mb["advantages"], mb["completion_mask"], len(items) * max_new_tokens).backward()
-    norm = grpo.clip_([p.grad for p in model.parameters() if p.grad is not None], float("inf")).item()
+    norm = clip_([p.grad for p in model.parameters() if p.grad is not None], float("inf")).item()
     model.zero_grad(set_to_none=True)
     return norm
 
@@ -394,7 +416,7 @@ def policy_gradient_norm(model, tokenizer, rows: list[dict], proxy, *, prompts: 
 def evaluate(cfg: EvalConfig) -> dict:
     cfg.max_new_tokens = cfg.max_new_tokens or MAX_NEW_TOKENS[cfg.task]
     summary = evaluate_tldr(cfg) if cfg.task == "tldr" else evaluate_reasoning(cfg)
-    if grpo.is_main():
+    if distributed.is_main():
         print(json.dumps(summary, indent=2))
         if cfg.out:
             Path(cfg.out).write_text(json.dumps(summary, indent=2))
@@ -403,22 +425,23 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 def evaluate_reasoning(cfg: EvalConfig) -> dict:
     dataset, config, fields = TASKS[cfg.task]
-    rows = grpo.load_rows(cfg.dataset or dataset, cfg.split, fields, config)[:cfg.limit or None]
+    rows = loading.load_rows(cfg.dataset or dataset, cfg.split, fields, config)[:cfg.limit or None]
     base = None
     if cfg.base_results:
         if cfg.task != "math":
-            grpo.fail("--base-results (difficulty quintiles) applies to --task math")
+            loading.fail("--base-results (difficulty quintiles) applies to --task math")
         base = json.loads(Path(cfg.base_results).read_text()).get("per_category")
         if not base:
-            grpo.fail(f"{cfg.base_results} has no per_category accuracies (write it with this script on MATH)")
-    grpo.check_model_path(cfg.checkpoint, "--checkpoint")
-    rank, world, device = grpo.init_distributed()
-    tokenizer = grpo.load_tokenizer(cfg.checkpoint)
+            loading.fail(f"{cfg.base_results} has no per_category accuracies (write it with this script on MATH)")
+    loading.check_model_path(cfg.checkpoint, "--checkpoint")
+    rank, world, device = distributed.init_distributed()
+    tokenizer = loading.load_tokenizer(cfg.checkpoint)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    model = grpo.rollout_model(grpo.shard(grpo.load_model(cfg.checkpoint, device)), getattr(torch, dtype),
-                               replica=cfg.rollout_replica)  # the fp32 shards are dropped once copied
+    policy = distributed.shard(loading.load_model(cfg.checkpoint, device))
+    model = generation.rollout_model(policy, getattr(torch, dtype), replica=cfg.rollout_replica)
+    del policy  # with a replica, the fp32 shards are dropped once copied
     common = dict(system_prompt=cfg.system_prompt, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    with grpo.autocast(device, dtype):
+    with distributed.autocast(device, dtype):
         greedy = pass_at_1(model, tokenizer, cfg.task, rows, **common)
         sampled = (pass_at_1(model, tokenizer, cfg.task, rows, temperature=cfg.temperature, samples=cfg.samples,
                              seed=cfg.seed, **common) if cfg.samples else None)
@@ -438,26 +461,29 @@ def evaluate_tldr(cfg: EvalConfig, grad_norm: bool = True) -> dict:
     for name, what in ((cfg.checkpoint, "--checkpoint"), (cfg.proxy_rm, "--proxy-rm"),
                        (cfg.reference_model, "--reference-model")):
         if not name:
-            grpo.fail(f"--task tldr needs {what}")
-        grpo.check_model_path(name, what)
+            loading.fail(f"--task tldr needs {what}")
+        loading.check_model_path(name, what)
     if cfg.gold_rm != TOY_GOLD:
-        grpo.check_model_path(cfg.gold_rm, "--gold-rm")
+        loading.check_model_path(cfg.gold_rm, "--gold-rm")
     rows = load_tldr_rows(cfg.dataset or TASKS["tldr"][0], cfg.split)[:cfg.limit or None]
-    rank, world, device = grpo.init_distributed()
+    rank, world, device = distributed.init_distributed()
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     rm_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    tokenizer = grpo.load_tokenizer(cfg.checkpoint)
-    policy = grpo.shard(grpo.load_model(cfg.checkpoint, device))
-    rollout = grpo.rollout_model(policy, getattr(torch, dtype), replica=cfg.rollout_replica)
-    init_model = grpo.shard(grpo.load_model(cfg.reference_model, device)).requires_grad_(False)
-    rm = grpo.load_reward_model(cfg.proxy_rm, device, pad_token_id=tokenizer.pad_token_id, dtype=rm_dtype)
-    proxy = make_proxy(rm.requires_grad_(False), tokenizer, eos_penalty=cfg.eos_penalty, batch_size=cfg.batch_size)
+    tokenizer = loading.load_tokenizer(cfg.checkpoint)
+    policy = distributed.shard(loading.load_model(cfg.checkpoint, device))
+    rollout = generation.rollout_model(policy, getattr(torch, dtype), replica=cfg.rollout_replica)
+    init_model = distributed.shard(loading.load_model(cfg.reference_model, device)).requires_grad_(False)
+    rm = loading.load_reward_model(cfg.proxy_rm, device, pad_token_id=tokenizer.pad_token_id, dtype=rm_dtype)
+    rm.requires_grad_(False)
+    proxy = make_proxy(rm, tokenizer, eos_penalty=cfg.eos_penalty, batch_size=cfg.batch_size)
     gold = make_gold(cfg.gold_rm, device, dtype=rm_dtype, batch_size=cfg.batch_size)
-    evaluate = rlhf_evaluator(rows, gold, proxy, init_model, max_new_tokens=cfg.max_new_tokens,
+    evaluate = rlhf_evaluator(rows, gold, proxy, init_model, bt_proxy=make_proxy(rm, tokenizer, eos_penalty=None,
+                                                                                 batch_size=cfg.batch_size),
+                              max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed,
                               pairs=cfg.eval_pairs, sharpness_prompts=cfg.sharpness_prompts,
                               sharpness_perturbations=cfg.sharpness_perturbations, sharpness_sigma=cfg.sharpness_sigma)
-    with grpo.autocast(device, dtype):
+    with distributed.autocast(device, dtype):
         metrics = evaluate(rollout, tokenizer, 0)
         if grad_norm:
             metrics["grad_norm"] = policy_gradient_norm(policy, tokenizer, rows, proxy, seed=cfg.seed,
@@ -468,88 +494,9 @@ def evaluate_tldr(cfg: EvalConfig, grad_norm: bool = True) -> dict:
     return {**{k: getattr(cfg, k) for k in keys}, "n": len(rows), **metrics}
 
 
-# ----------------------------------------------------------------------------- curves from metrics.jsonl
-
-def load_metrics(run) -> list[dict]:
-    """Records of a metrics.jsonl file or of a run dir's metrics.jsonl (step -1: the initial policy's eval)."""
-    path = Path(run)
-    path = path / "metrics.jsonl" if path.is_dir() else path
-    if not path.exists():
-        grpo.fail(f"no metrics at {path}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def moving_average(xs, window: int = 10) -> list[float]:
-    """Mean of the last `window` values at each point (fewer at the start)."""
-    return [sum(xs[max(0, i - window + 1):i + 1]) / len(xs[max(0, i - window + 1):i + 1]) for i in range(len(xs))]
-
-
-# the paper's Fig. 3/4 quantities: proxy vs gold reward over steps, gold reward vs KL to the initial policy, ...
-TLDR_PANELS = [("step", ["rewards/proxy", "rewards/gold"]), ("eval/kl", ["eval/gold", "eval/proxy"]),
-               ("step", ["eval/win_rate"]), ("step", ["grad_norm"]), ("step", ["eval/bt_loss"]),
-               ("step", ["eval/sharpness"])]
-
-
-def plot_runs(runs, out, panels: list[tuple[str, list[str]]], *, title: str | None = None, smooth: int = 10) -> Path:
-    """One subplot per (x key, [y keys]) panel, one line per run and y key (records lacking either are skipped).
-    Per-step series longer than 3·smooth are shown as a `smooth`-step moving average. Writes a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    data = {Path(r).name if Path(r).is_dir() else str(r): load_metrics(r) for r in runs}
-    cols = min(3, len(panels))
-    n_rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(n_rows, cols, figsize=(5 * cols, 3.6 * n_rows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (x, ys) in zip(axes.flat, panels):
-        for k, (name, records) in enumerate(data.items()):
-            for j, y in enumerate(ys):  # one colour per run, one line style per key
-                pts = sorted((r[x], r[y]) for r in records if isinstance(r.get(x), (int, float))
-                             and isinstance(r.get(y), (int, float)) and math.isfinite(r[y]))
-                if not pts:
-                    continue
-                xs, vs = zip(*pts)
-                if x == "step" and len(vs) > 3 * smooth:
-                    vs = moving_average(vs, smooth)
-                ax.plot(xs, vs, marker="o" if len(xs) < 30 else None, markersize=3,
-                        label=y if len(data) == 1 else f"{name}: {y}",
-                        color=colors[(j if len(data) == 1 else k) % len(colors)],
-                        linestyle="-" if len(data) == 1 else ("-", "--", ":", "-.")[j % 4])
-        ax.set_xlabel(x)
-        ax.set_ylabel(", ".join(ys))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return Path(out)
-
-
-def plot_main(argv: list[str]) -> Path:
-    import argparse
-    parser = argparse.ArgumentParser(prog="eval.py plot", description="metrics.jsonl curves of one or more runs")
-    parser.add_argument("runs", nargs="+", help="run dirs (metrics.jsonl inside) or metrics.jsonl files")
-    parser.add_argument("--out", required=True, help="PNG path")
-    parser.add_argument("--panel", action="append", metavar="X:Y1,Y2",
-                        help="x key and y keys of one subplot; repeatable (default: the TL;DR panels)")
-    parser.add_argument("--smooth", type=int, default=10, help="moving-average window of per-step series")
-    args = parser.parse_args(argv)
-    if any(":" not in p for p in args.panel or []):
-        grpo.fail("--panel takes X:Y1,Y2 (e.g. step:rewards/proxy,rewards/gold)")
-    panels = [(p.split(":", 1)[0], p.split(":", 1)[1].split(",")) for p in args.panel or []] or TLDR_PANELS
-    path = plot_runs(args.runs, args.out, panels, smooth=args.smooth)
-    print(path)
-    return path
-
-
 if __name__ == "__main__":
     if sys.argv[1:2] == ["plot"]:
-        plot_main(sys.argv[2:])
+        plots.plot_main(sys.argv[2:])
     else:
-        evaluate(grpo.parse_config(EvalConfig))
-        grpo.finish_distributed()
+        evaluate(loading.parse_config(EvalConfig))
+        distributed.finish_distributed()

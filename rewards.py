@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 
+from generation import position_ids
+
 # Qwen2.5-Instruct's default system prompt: the paper keeps the model's default system instructions (App. C.4).
 QWEN_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
@@ -246,23 +248,27 @@ def math_rewards(completion: str, solution: str) -> dict[str, float] | None:
     return _math_rewards_group(solution, [completion])[0]
 
 
-def math_rewards_batch(
-    completions: list[str], solutions: list[str], *, workers: int = 0
-) -> list[dict[str, float] | None]:
-    """`math_rewards` for a batch, None where the gold is unparsable; each distinct solution is parsed once.
+def grader_pool(workers: int) -> ProcessPoolExecutor | None:
+    """`workers` processes that grade `math_rewards_batch` for a whole run (None for 0: grade in the calling thread);
+    the caller shuts them down. They start from a fresh interpreter (forkserver), never forked from a trainer that
+    holds CUDA contexts and NCCL threads: a child forked from such a process inherits whatever locks those threads
+    held and can hang. Each task runs in its worker's main thread, so math-verify's timeouts stay active."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) if workers > 0 else None
 
-    workers=0 grades in the calling thread. workers>0 uses a fork-started process pool: parallel, and each task
-    runs in its worker's main thread, so math-verify's per-call timeouts stay active against runaway sympy.
+
+def math_rewards_batch(
+    completions: list[str], solutions: list[str], *, pool: ProcessPoolExecutor | None = None
+) -> list[dict[str, float] | None]:
+    """`math_rewards` for a batch, None where the gold is unparsable; each distinct solution is parsed once, in the
+    calling thread or, in parallel, in the processes of a `grader_pool`.
     """
     assert len(completions) == len(solutions)
     groups: dict[str, list[int]] = {}
     for i, solution in enumerate(solutions):
         groups.setdefault(solution, []).append(i)
     group_completions = [[completions[i] for i in idx] for idx in groups.values()]
-    if workers > 0 and groups:
-        chunksize = max(1, len(groups) // (4 * workers))
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            results = list(pool.map(_math_rewards_group, groups, group_completions, chunksize=chunksize))
+    if pool is not None and groups:
+        results = list(pool.map(_math_rewards_group, groups, group_completions))
     else:
         results = [_math_rewards_group(s, group) for s, group in zip(groups, group_completions)]
     out: list[dict[str, float] | None] = [None] * len(completions)
@@ -430,8 +436,7 @@ def rm_last_token_scores(rm, input_ids: torch.Tensor, attention_mask: torch.Tens
     captured = {}
     handle = rm.score.register_forward_hook(lambda module, args, out: captured.__setitem__("scores", out))
     try:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        rm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        rm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
     finally:
         handle.remove()
     token_scores = captured["scores"].squeeze(-1)  # (B, T)

@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gaussian_toy
-import grpo
-from eval import load_metrics, moving_average
+import loading
+from plots import moving_average
+from rundir import load_metrics
 
 ROOT = Path(__file__).resolve().parent
 TASKS = {
@@ -188,7 +189,7 @@ def main(cfg: StudyConfig) -> str:
     tasks = [t for t in cfg.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        grpo.fail(f"--tasks: unknown {unknown}; choose from {list(TASKS)}")
+        loading.fail(f"--tasks: unknown {unknown}; choose from {list(TASKS)}")
     regimes, seeds = (QUICK, 1) if cfg.quick else (REGIMES, cfg.seeds)
     report = [f"# Reward-hacking study ({'--quick' if cfg.quick else f'{seeds} seeds'})\n"]
     t0 = time.time()
@@ -233,7 +234,7 @@ def gaussian_study(cfg: StudyConfig) -> str:
     evaluation), action_plane.png (the paths of μ_φ(0), seed 0), curves_<proxy>.png (§3's quantities over steps)
     and runs.json (every run's measurements, by proxy, seed and regime)."""
     if cfg.quick:
-        grpo.fail("--quick is a sweep of the language toys; the Gaussian toy has one sweep")
+        loading.fail("--quick is a sweep of the language toys; the Gaussian toy has one sweep")
     toy = gaussian_toy.ToyConfig(**({"steps": cfg.steps} if cfg.steps else {}))
     t0 = time.time()
     results = gaussian_toy.sweep(toy, gaussian_toy.REGIMES, cfg.seeds, cfg.parallel)
@@ -273,4 +274,4 @@ def gaussian_study(cfg: StudyConfig) -> str:
 
 
 if __name__ == "__main__":
-    main(grpo.parse_config(StudyConfig))
+    main(loading.parse_config(StudyConfig))

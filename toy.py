@@ -11,6 +11,7 @@ The SFT policy is trained briefly on a mix of the paper's <reasoning>/<answer> f
 """
 
 import json
+import math
 import os
 import random
 import sys
@@ -18,6 +19,11 @@ import time
 from pathlib import Path
 
 import torch
+
+from generation import generate_texts
+from loading import load_model, load_tokenizer
+from rewards import gsm8k_gold, gsm8k_messages, gsm8k_rewards, judge_messages, judge_rewards, render_chat
+from supervised import sft_batch, sft_loss, supervised_train
 
 ROOT = Path(__file__).resolve().parent / ".cache" / "toy"
 
@@ -121,10 +127,8 @@ def tiny_qwen2(vocab_size: int, hidden: int = 96, layers: int = 4, seed: int = 0
 def supervised(model, tokenizer, prompts: list[str], completions: list[str], *, steps: int, batch_size: int = 32,
                lr: float = 1e-3, warmup: int = 100, seed: int = 0, log_every: int = 100) -> None:
     """A short SFT run on prompt -> completion pairs (random batches), loss on completion tokens only, through
-    `grpo.supervised_train`: linear warmup, then cosine decay to lr/10 (without warmup, or at 3e-3, the toy policy
+    `supervised.supervised_train`: linear warmup, then cosine decay to lr/10 (without warmup, or at 3e-3, the toy policy
     stalled before learning to copy numbers)."""
-    import math
-    from grpo import sft_batch, sft_loss, supervised_train
     warmup = min(warmup, steps // 5)
     rng = random.Random(seed)
 
@@ -146,7 +150,6 @@ def build_gsm8k_policy(root: Path = ROOT, *, sft_steps: int = 800, n_train: int 
     train_path, _, policy = gsm8k_paths(root)
     if (policy / "model.safetensors").exists():
         return policy
-    from rewards import gsm8k_messages, render_chat
     t0 = time.time()
     build_gsm8k_data(root, n_train=n_train)
     rows = [json.loads(line) for line in train_path.read_text().splitlines()]
@@ -193,17 +196,15 @@ def build_gsm8k_judge(root: Path = ROOT, *, n_train: int = 3000, sft_steps: int 
     path = judge_path(root)
     if (path / "model.safetensors").exists():
         return path
-    import grpo
-    from rewards import gsm8k_gold, gsm8k_messages, gsm8k_rewards, judge_messages, judge_rewards, render_chat
     t0 = time.time()
     policy_dir = build_gsm8k_policy(root, **(policy_kwargs or {}))
     train_path, _, _ = gsm8k_paths(root)
     rows = [json.loads(line) for line in train_path.read_text().splitlines()]
     rows = (rows * (1 + (n_train + 200) // len(rows)))[:n_train + 200]
-    policy_tok, policy = grpo.load_tokenizer(str(policy_dir)), grpo.load_model(policy_dir, "cpu")
+    policy_tok, policy = load_tokenizer(str(policy_dir)), load_model(policy_dir, "cpu")
     plain = type("Plain", (), {"chat_template": None})()
     prompts = [render_chat(plain, gsm8k_messages(r["question"], system_prompt=None)) for r in rows]
-    completions, _ = grpo.generate_texts(policy, policy_tok, prompts, max_new_tokens=32, temperature=1.0,
+    completions, _ = generate_texts(policy, policy_tok, prompts, max_new_tokens=32, temperature=1.0,
                                          batch_size=256, generator=torch.Generator().manual_seed(0))
     terms = [gsm8k_rewards(c, gsm8k_gold(r["answer"])) for r, c in zip(rows, completions)]
     judge_prompts = [render_chat(plain, judge_messages(r["question"], c, r["answer"])) for r, c in zip(rows, completions)]
@@ -315,7 +316,6 @@ def build_tldr_base(root: Path = ROOT, *, n_train: int = 24000, n_test: int = 25
     train_path, _, base = tldr_paths(root)
     if (base / "model.safetensors").exists():
         return base
-    from rewards import render_chat
     build_tldr_data(root, n_train=n_train, n_test=n_test)
     rows = [json.loads(line) for line in train_path.read_text().splitlines()]
     plain = type("Plain", (), {"chat_template": None})()

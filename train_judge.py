@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+import distributed
 import eval as evaluation
 import grpo
+import loading
 import toy
 import train_math
 from rewards import QWEN_SYSTEM_PROMPT, gsm8k_gold, gsm8k_rewards, judge_rewards
@@ -55,18 +57,18 @@ def main(cfg: Config):
     toy_models = {str(toy.GSM8K_POLICY), str(toy.judge_path())}
     grpo.validate(cfg, check_model=cfg.model not in toy_models)
     if cfg.judge not in toy_models:
-        grpo.check_model_path(cfg.judge, "--judge")
+        loading.check_model_path(cfg.judge, "--judge")
     if cfg.model in toy_models or cfg.judge in toy_models:  # built on first use, after the flags are checked
         toy.wait_or_build(toy.build_gsm8k_judge, toy.judge_path() / "model.safetensors")
-    train = grpo.load_rows(cfg.dataset, "train", ("question", "answer"), "main")
-    test = grpo.load_rows(cfg.test_dataset or cfg.dataset, "test", ("question", "answer"), "main")
+    train = loading.load_rows(cfg.dataset, "train", ("question", "answer"), "main")
+    test = loading.load_rows(cfg.test_dataset or cfg.dataset, "test", ("question", "answer"), "main")
     test = test[:cfg.eval_limit] if cfg.eval_limit else test
     for r in train:
         r["gold"] = gsm8k_gold(r["answer"])
-    _, _, device = grpo.init_distributed()
-    judge_tokenizer = grpo.load_tokenizer(cfg.judge, cfg.trust_remote_code)
+    _, _, device = distributed.init_distributed()
+    judge_tokenizer = loading.load_tokenizer(cfg.judge, cfg.trust_remote_code)
     judge_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    judge = grpo.load_model(cfg.judge, device, dtype=judge_dtype, trust_remote_code=cfg.trust_remote_code)
+    judge = loading.load_model(cfg.judge, device, dtype=judge_dtype, trust_remote_code=cfg.trust_remote_code)
     judge.requires_grad_(False)
     system = cfg.system_prompt or None
 
@@ -95,12 +97,12 @@ def main(cfg: Config):
         return torch.tensor([gsm8k_rewards(c, gsm8k_gold(r["answer"]))["correctness"]
                              for r, c in zip(rows, completions)])
 
+    pass_at_1 = evaluation.pass_at_1_evaluator("gsm8k", test, system_prompt=system, max_new_tokens=cfg.max_new_tokens,
+                                               batch_size=cfg.gen_batch_size, temperature=cfg.temperature,
+                                               seed=cfg.seed)
+
     def evaluate(model, tokenizer, step):
-        common = dict(system_prompt=system, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
-        greedy = evaluation.pass_at_1(model, tokenizer, "gsm8k", test, **common)
-        sampled = evaluation.pass_at_1(model, tokenizer, "gsm8k", test, temperature=cfg.temperature, seed=cfg.seed,
-                                       **common)
-        out = {"pass@1_greedy": evaluation.mean(greedy), "pass@1_sampled": evaluation.mean(sampled)}
+        out = pass_at_1(model, tokenizer, step)
         sampling = dict(temperature=cfg.temperature, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
                         batch_size=cfg.gen_batch_size)
         if cfg.eval_pairs:  # the judge's error on the policy's own samples
@@ -116,5 +118,5 @@ def main(cfg: Config):
 
 
 if __name__ == "__main__":
-    main(grpo.parse_config(Config, presets=PRESETS))
-    grpo.finish_distributed()
+    main(loading.parse_config(Config, presets=PRESETS))
+    distributed.finish_distributed()

@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+import distributed
 import eval as evaluation
 import grpo
+import loading
 import toy
-from rewards import GSM8K_REWARD_KEYS, QWEN_SYSTEM_PROMPT, gsm8k_gold, gsm8k_rewards, math_rewards_batch
+from rewards import (GSM8K_REWARD_KEYS, QWEN_SYSTEM_PROMPT, grader_pool, gsm8k_gold, gsm8k_rewards,
+                     math_rewards_batch)
 
 
 PROMPTS_PER_STEP = {"gsm8k": 32, "math": 128}  # × 8 rollouts = 256 / 1024 sequences per step (Tables 8-9)
@@ -33,7 +36,8 @@ class Config(grpo.RLConfig):
                                                                       "(default: openai/gsm8k or MATH-lighteval)"})
     test_dataset: str = field(default=None, metadata={"type": str, "help": "eval data (default: --dataset's test split)"})
     system_prompt: str = field(default=QWEN_SYSTEM_PROMPT, metadata={"help": "system prompt ('' for none)"})
-    grader_workers: int = field(default=0, metadata={"help": "MATH: processes for math-verify (0 = in-process)"})
+    grader_workers: int = field(default=0, metadata={"help": "MATH: processes grading with math-verify, started once "
+                                                             "per run (0 = in the training process)"})
     # None: the paper's recipe for --task, filled in by `resolve_task_defaults`
     prompts_per_step: int = field(default=None, metadata={
         "type": int, "help": "prompts per step, all ranks; default by --task: gsm8k 32, math 128 (x 8 rollouts: the "
@@ -63,8 +67,8 @@ def resolve_task_defaults(cfg: Config) -> Config:
 def load_task(cfg: Config):
     """Train rows (with the parsed gold answer) and test rows; MATH rows with an unparsable gold are dropped."""
     dataset, config, fields = evaluation.TASKS[cfg.task]
-    train = grpo.load_rows(cfg.dataset or dataset, "train", fields, config)
-    test = grpo.load_rows(cfg.test_dataset or cfg.dataset or dataset, "test", fields, config)
+    train = loading.load_rows(cfg.dataset or dataset, "train", fields, config)
+    test = loading.load_rows(cfg.test_dataset or cfg.dataset or dataset, "test", fields, config)
     if cfg.task == "gsm8k":
         for r in train:
             r["gold"] = gsm8k_gold(r["answer"])
@@ -86,6 +90,8 @@ def main(cfg: Config):
     test = test[:cfg.eval_limit] if cfg.eval_limit else test
     system = cfg.system_prompt or None
 
+    graders = grader_pool(cfg.grader_workers if cfg.task == "math" else 0)  # one pool for the whole run
+
     def make_prompt(row):
         return evaluation.prompt_messages(cfg.task, row, system)
 
@@ -94,7 +100,7 @@ def main(cfg: Config):
             terms = [gsm8k_rewards(c, r["gold"]) for r, c in zip(rows, completions)]
             keys = GSM8K_REWARD_KEYS
         else:
-            terms = math_rewards_batch(completions, [r["solution"] for r in rows], workers=cfg.grader_workers)
+            terms = math_rewards_batch(completions, [r["solution"] for r in rows], pool=graders)
             keys = ("correctness", "reasoning_steps")
         per_term = {k: torch.tensor([t[k] for t in terms]) for k in keys}
         per_term["true_reward"] = per_term["correctness"] / 2.0  # accuracy: rule-based correctness is the truth
@@ -102,16 +108,15 @@ def main(cfg: Config):
             per_term["grader_failure_rate"] = torch.tensor([t["grader_failure"] for t in terms])
         return sum(per_term[k] for k in keys), per_term
 
-    def evaluate(model, tokenizer, step):
-        common = dict(system_prompt=system, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
-        greedy = evaluation.pass_at_1(model, tokenizer, cfg.task, test, **common)
-        sampled = evaluation.pass_at_1(model, tokenizer, cfg.task, test, temperature=cfg.temperature, seed=cfg.seed,
-                                       **common)
-        return {"pass@1_greedy": evaluation.mean(greedy), "pass@1_sampled": evaluation.mean(sampled)}
-
-    return grpo.rl_train(cfg, train, make_prompt, score, evaluate)
+    evaluate = evaluation.pass_at_1_evaluator(cfg.task, test, system_prompt=system, max_new_tokens=cfg.max_new_tokens,
+                                              batch_size=cfg.gen_batch_size, temperature=cfg.temperature, seed=cfg.seed)
+    try:
+        return grpo.rl_train(cfg, train, make_prompt, score, evaluate)
+    finally:
+        if graders is not None:
+            graders.shutdown()
 
 
 if __name__ == "__main__":
-    main(grpo.parse_config(Config, presets=PRESETS))
-    grpo.finish_distributed()
+    main(loading.parse_config(Config, presets=PRESETS))
+    distributed.finish_distributed()

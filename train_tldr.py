@@ -42,8 +42,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import distributed
 import eval as evaluation
+import generation
 import grpo
+import loading
+import plots
+import rundir
+import supervised
 import toy
 from rewards import bradley_terry_loss, render_chat, rm_last_token_scores
 
@@ -128,7 +134,7 @@ def rm_dtype(cfg) -> torch.dtype:
 
 def epoch_batch(seed, step: int, per_epoch: int, n: int, batch_size: int) -> np.ndarray:
     """This rank's share of global batch `step`: epochs are fixed permutations of the n items, a function of seed."""
-    rank, world = grpo.rank_and_world()
+    rank, world = distributed.rank_and_world()
     epoch, b = divmod(step, per_epoch)
     order = np.random.default_rng([*seed, epoch]).permutation(n)
     return order[b * batch_size:(b + 1) * batch_size][rank::world]
@@ -137,46 +143,48 @@ def epoch_batch(seed, step: int, per_epoch: int, n: int, batch_size: int) -> np.
 # ----------------------------------------------------------------------------- stage 1: SFT
 
 def run_sft(cfg: Config, rows: list[dict]) -> dict:
-    rank, world, device = grpo.init_distributed()
+    rank, world, device = distributed.init_distributed()
     t0 = time.time()
-    tokenizer = grpo.load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tokenizer = loading.load_tokenizer(cfg.model, cfg.trust_remote_code)
     rows = short_enough(rows, tokenizer, cfg.max_prompt_tokens, "sft")
     if cfg.sft_batch_size % world:
-        grpo.fail(f"--sft-batch-size {cfg.sft_batch_size} is not divisible by the {world} ranks")
+        loading.fail(f"--sft-batch-size {cfg.sft_batch_size} is not divisible by the {world} ranks")
     per_epoch = len(rows) // cfg.sft_batch_size
     if per_epoch == 0:
-        grpo.fail(f"sft: {len(rows)} rows, fewer than --sft-batch-size {cfg.sft_batch_size}")
-    model = grpo.shard(grpo.load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code,
-                                       grad_checkpointing=cfg.grad_checkpointing))
+        loading.fail(f"sft: {len(rows)} rows, fewer than --sft-batch-size {cfg.sft_batch_size}")
+    model = distributed.shard(loading.load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code,
+                                                 grad_checkpointing=cfg.grad_checkpointing))
     total = per_epoch * cfg.sft_epochs
     prompts = [render(tokenizer, r) for r in rows]
-    if grpo.is_main():
+    if distributed.is_main():
         print(f"sft: {len(rows)} rows, {cfg.sft_epochs} epoch(s), {total} steps of {cfg.sft_batch_size} "
               f"from {cfg.model}")
 
     def loss_fn(step):
         mine = epoch_batch([cfg.seed], step, per_epoch, len(rows), cfg.sft_batch_size)
-        ids, mask, loss_mask = grpo.sft_batch(tokenizer, [prompts[i] for i in mine],
-                                              [rows[i]["reference"] for i in mine], device,
-                                              max_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
+        ids, mask, loss_mask = supervised.sft_batch(tokenizer, [prompts[i] for i in mine],
+                                                    [rows[i]["reference"] for i in mine], device,
+                                                    max_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
         # mean over the global batch's completion tokens (FSDP averages the ranks' gradients: × world)
-        tokens = grpo.all_reduce_sum(loss_mask[:, 1:].sum().float()).clamp(min=1) / world
+        tokens = distributed.all_reduce_sum(loss_mask[:, 1:].sum().float()).clamp(min=1) / world
         loss = torch.zeros((), device=device)
         for s in range(0, len(mine), cfg.micro_batch_size):
             sl = slice(s, s + cfg.micro_batch_size)
-            with grpo.autocast(device, cfg.dtype):
-                mb = grpo.sft_loss(model, ids[sl], mask[sl], loss_mask[sl]) * loss_mask[sl, 1:].sum() / tokens
+            distributed.gradient_sync(model, s + cfg.micro_batch_size >= len(mine))  # one reduce-scatter per step
+            with distributed.autocast(device, cfg.dtype):
+                mb = supervised.sft_loss(model, ids[sl], mask[sl], loss_mask[sl]) * loss_mask[sl, 1:].sum() / tokens
             mb.backward()
             loss += mb.detach()
         return {"loss": loss}
 
-    last = grpo.supervised_train(model, loss_fn, total, lr=cfg.sft_lr, schedule=lambda s: 1 - s / total,
-                                 weight_decay=0.01, max_grad_norm=cfg.max_grad_norm, name="sft",
-                                 log_path=Path(cfg.out_dir) / "sft_metrics.jsonl", print_every=max(1, total // 10))
+    last = supervised.supervised_train(model, loss_fn, total, lr=cfg.sft_lr, schedule=lambda s: 1 - s / total,
+                                       weight_decay=0.01, max_grad_norm=cfg.max_grad_norm, name="sft",
+                                       log_path=Path(cfg.out_dir) / "sft_metrics.jsonl",
+                                       print_every=max(1, total // 10))
     summary = {"stage": "sft", "base": cfg.model, "rows": len(rows), "epochs": cfg.sft_epochs, "steps": total,
                "final_loss": last["loss"], "seconds": round(time.time() - t0, 1)}
-    grpo.save_pretrained(cfg.sft_dir, model, tokenizer, files={"train_summary.json": json.dumps(summary, indent=2)})
-    if grpo.is_main():
+    rundir.save_pretrained(cfg.sft_dir, model, tokenizer, files={"train_summary.json": json.dumps(summary, indent=2)})
+    if distributed.is_main():
         print(f"sft: wrote {cfg.sft_dir} in {summary['seconds']}s (final loss {last['loss']:.4f})")
     return summary
 
@@ -185,19 +193,19 @@ def run_sft(cfg: Config, rows: list[dict]) -> dict:
 
 def sample_pairs(cfg: Config, rows: list[dict], device) -> list[dict]:
     """Two completions per prompt from the SFT policy, gold-labelled; every rank returns the whole list."""
-    rank, world = grpo.rank_and_world()
-    tokenizer = grpo.load_tokenizer(cfg.sft_dir, cfg.trust_remote_code)
-    policy = grpo.shard(grpo.load_model(cfg.sft_dir, device, trust_remote_code=cfg.trust_remote_code))
-    policy = grpo.rollout_model(policy, getattr(torch, cfg.dtype), replica=cfg.rollout_replica)
+    rank, world = distributed.rank_and_world()
+    tokenizer = loading.load_tokenizer(cfg.sft_dir, cfg.trust_remote_code)
+    policy = distributed.shard(loading.load_model(cfg.sft_dir, device, trust_remote_code=cfg.trust_remote_code))
+    policy = generation.rollout_model(policy, getattr(torch, cfg.dtype), replica=cfg.rollout_replica)
     gold = evaluation.make_gold(cfg.gold_rm, device, dtype=rm_dtype(cfg), batch_size=cfg.gold_batch_size,
                                 trust_remote_code=cfg.trust_remote_code)
-    mine = grpo.shard_list(list(range(len(rows))), rank, world)
+    mine = distributed.shard_list(list(range(len(rows))), rank, world)
     twice = [rows[i] for i in mine for _ in range(2)]
-    generator = grpo.step_generator(cfg.seed, 10**6, rank, device)  # not a training step
-    with grpo.autocast(device, cfg.dtype):
-        texts, ended = grpo.generate_texts(policy, tokenizer, [render(tokenizer, r) for r in twice],
-                                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.rm_temperature,
-                                           batch_size=cfg.gen_batch_size, generator=generator)
+    generator = distributed.step_generator(cfg.seed, 10**6, rank, device)  # not a training step
+    with distributed.autocast(device, cfg.dtype):
+        texts, ended = generation.generate_texts(policy, tokenizer, [render(tokenizer, r) for r in twice],
+                                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.rm_temperature,
+                                                 batch_size=cfg.gen_batch_size, generator=generator)
     scores = torch.cat([gold(twice[s:s + cfg.gen_batch_size], texts[s:s + cfg.gen_batch_size],
                              ended[s:s + cfg.gen_batch_size]) for s in range(0, len(texts), cfg.gen_batch_size)])
     local = [{"index": i, "prompt": rows[i]["prompt"], "a": texts[2 * k], "b": texts[2 * k + 1],
@@ -205,7 +213,7 @@ def sample_pairs(cfg: Config, rows: list[dict], device) -> list[dict]:
               "eos_a": bool(ended[2 * k]), "eos_b": bool(ended[2 * k + 1])} for k, i in enumerate(mine)]
     del policy
     gc.collect()
-    pairs = {p["index"]: p for part in grpo.all_gather_objects(local) for p in part}
+    pairs = {p["index"]: p for part in distributed.all_gather_objects(local) for p in part}
     return [pairs[i] for i in sorted(pairs)]
 
 
@@ -224,25 +232,25 @@ def pair_batch(tokenizer, pairs: list[dict], device):
 @torch.no_grad()
 def pair_scores(rm, tokenizer, pairs: list[dict], cfg, device) -> torch.Tensor:
     """(n, 2) proxy scores (chosen, rejected) of every pair, computed in shares across ranks."""
-    mine = grpo.shard_list(list(range(len(pairs))), *grpo.rank_and_world())
+    mine = distributed.shard_list(list(range(len(pairs))), *distributed.rank_and_world())
     out = []
     for s in range(0, len(mine), cfg.micro_batch_size):
         chunk = [pairs[i] for i in mine[s:s + cfg.micro_batch_size]]
-        with grpo.autocast(device, cfg.dtype):
+        with distributed.autocast(device, cfg.dtype):
             scores = rm_last_token_scores(rm, *pair_batch(tokenizer, chunk, device))
         out.append(torch.stack([scores[:len(chunk)], scores[len(chunk):]], 1))
-    grpo.reshard(rm)
-    return grpo.all_gather_rows(torch.cat(out), mine, len(pairs))
+    distributed.reshard(rm)
+    return distributed.all_gather_rows(torch.cat(out), mine, len(pairs))
 
 
 def run_rm(cfg: Config, rows: list[dict]) -> dict:
-    rank, world, device = grpo.init_distributed()
+    rank, world, device = distributed.init_distributed()
     t0 = time.time()
-    tokenizer = grpo.load_tokenizer(cfg.sft_dir, cfg.trust_remote_code)
+    tokenizer = loading.load_tokenizer(cfg.sft_dir, cfg.trust_remote_code)
     rows = short_enough(rows, tokenizer, cfg.max_prompt_tokens, "rm")
     n = min(cfg.rm_pairs or len(rows), len(rows))
     picked = np.random.default_rng([cfg.seed, 1]).permutation(len(rows))[:n]
-    if grpo.is_main():
+    if distributed.is_main():
         print(f"rm: sampling 2 completions for each of {n} prompts from {cfg.sft_dir}, gold = {cfg.gold_rm}")
     pairs = sample_pairs(cfg, [rows[i] for i in picked], device)
     t_sample = time.time() - t0
@@ -259,17 +267,17 @@ def run_rm(cfg: Config, rows: list[dict]) -> dict:
     order = np.random.default_rng([cfg.seed, 2]).permutation(len(usable))
     heldout, train = [usable[i] for i in order[:n_held]], [usable[i] for i in order[n_held:]]
     if cfg.rm_batch_size % world:
-        grpo.fail(f"--rm-batch-size {cfg.rm_batch_size} is not divisible by the {world} ranks")
+        loading.fail(f"--rm-batch-size {cfg.rm_batch_size} is not divisible by the {world} ranks")
     per_epoch = len(train) // cfg.rm_batch_size
     if per_epoch == 0 or not heldout:
-        grpo.fail(f"rm: only {len(usable)} usable pairs ({ties} gold ties, {cut} cut off at the length limit): "
-                  f"too few for --rm-batch-size {cfg.rm_batch_size} and a held-out set; raise --rm-pairs")
-    if grpo.is_main():
+        loading.fail(f"rm: only {len(usable)} usable pairs ({ties} gold ties, {cut} cut off at the length limit): "
+                     f"too few for --rm-batch-size {cfg.rm_batch_size} and a held-out set; raise --rm-pairs")
+    if distributed.is_main():
         print(f"rm: {len(pairs)} pairs in {t_sample:.0f}s; dropped {ties} gold ties and {cut} with a cut-off "
               f"completion; {len(train)} train, {len(heldout)} held out")
 
-    rm = grpo.shard(grpo.load_reward_model(cfg.sft_dir, device, pad_token_id=tokenizer.pad_token_id,
-                                           trust_remote_code=cfg.trust_remote_code))
+    rm = distributed.shard(loading.load_reward_model(cfg.sft_dir, device, pad_token_id=tokenizer.pad_token_id,
+                                                     trust_remote_code=cfg.trust_remote_code))
     total = per_epoch * cfg.rm_epochs
     chunk_size = max(1, cfg.micro_batch_size // 2)  # pairs per forward: 2 sequences each
 
@@ -278,7 +286,8 @@ def run_rm(cfg: Config, rows: list[dict]) -> dict:
         loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
         for s in range(0, len(mine), chunk_size):
             chunk = [train[i] for i in mine[s:s + chunk_size]]
-            with grpo.autocast(device, cfg.dtype):
+            distributed.gradient_sync(rm, s + chunk_size >= len(mine))  # one reduce-scatter per step
+            with distributed.autocast(device, cfg.dtype):
                 scores = rm_last_token_scores(rm, *pair_batch(tokenizer, chunk, device))
                 chosen, rejected = scores[:len(chunk)], scores[len(chunk):]
                 mb = bradley_terry_loss(chosen, rejected) * len(chunk) / len(mine)  # this rank's mean
@@ -287,9 +296,9 @@ def run_rm(cfg: Config, rows: list[dict]) -> dict:
             correct += (chosen > rejected).sum().detach()
         return {"loss": loss, "accuracy": correct / cfg.rm_batch_size}
 
-    last = grpo.supervised_train(rm, loss_fn, total, lr=cfg.rm_lr, schedule=lambda s: 1 - s / total,
-                                 weight_decay=0.01, max_grad_norm=cfg.max_grad_norm, name="rm",
-                                 log_path=Path(cfg.out_dir) / "rm_metrics.jsonl", print_every=max(1, total // 10))
+    last = supervised.supervised_train(rm, loss_fn, total, lr=cfg.rm_lr, schedule=lambda s: 1 - s / total,
+                                       weight_decay=0.01, max_grad_norm=cfg.max_grad_norm, name="rm",
+                                       log_path=Path(cfg.out_dir) / "rm_metrics.jsonl", print_every=max(1, total // 10))
     held = pair_scores(rm, tokenizer, heldout, cfg, device)
     bt = evaluation.bt_loss_on_policy(held[:, 0], held[:, 1], torch.ones(len(held)), torch.zeros(len(held)))
     summary = {"stage": "rm", "sft": cfg.sft_dir, "gold_rm": cfg.gold_rm, "pairs_sampled": len(pairs),
@@ -300,9 +309,9 @@ def run_rm(cfg: Config, rows: list[dict]) -> dict:
     pair_lines = "".join(json.dumps({**{k: p[k] for k in ("prompt", "chosen", "rejected")},
                                      "split": "heldout" if j < n_held else "train"}) + "\n"
                          for j, p in enumerate(heldout + train))
-    grpo.save_pretrained(cfg.rm_dir, rm, tokenizer, files={"train_summary.json": json.dumps(summary, indent=2),
-                                                           "pairs.jsonl": pair_lines})
-    if grpo.is_main():
+    rundir.save_pretrained(cfg.rm_dir, rm, tokenizer, files={"train_summary.json": json.dumps(summary, indent=2),
+                                                             "pairs.jsonl": pair_lines})
+    if distributed.is_main():
         print(f"rm: held-out accuracy {summary['heldout_accuracy']:.3f}, BT loss {summary['heldout_bt_loss']:.4f} "
               f"on {len(heldout)} pairs; wrote {cfg.rm_dir} in {summary['seconds']}s")
     return summary
@@ -311,17 +320,18 @@ def run_rm(cfg: Config, rows: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- stage 3: RL
 
 def run_rl(cfg: Config, train_rows: list[dict], test_rows: list[dict]) -> dict:
-    rank, world, device = grpo.init_distributed()
-    tokenizer = grpo.load_tokenizer(cfg.sft_dir, cfg.trust_remote_code)
-    proxy_rm = grpo.load_reward_model(cfg.rm_dir, device, pad_token_id=tokenizer.pad_token_id, dtype=rm_dtype(cfg),
-                                      trust_remote_code=cfg.trust_remote_code).requires_grad_(False)
+    rank, world, device = distributed.init_distributed()
+    tokenizer = loading.load_tokenizer(cfg.sft_dir, cfg.trust_remote_code)
+    proxy_rm = loading.load_reward_model(cfg.rm_dir, device, pad_token_id=tokenizer.pad_token_id, dtype=rm_dtype(cfg),
+                                         trust_remote_code=cfg.trust_remote_code).requires_grad_(False)
     proxy = evaluation.make_proxy(proxy_rm, tokenizer, eos_penalty=cfg.eos_penalty, batch_size=cfg.gold_batch_size)
     gold = evaluation.make_gold(cfg.gold_rm, device, dtype=rm_dtype(cfg), batch_size=cfg.gold_batch_size,
                                 trust_remote_code=cfg.trust_remote_code)
-    init_model = grpo.shard(grpo.load_model(cfg.sft_dir, device, trust_remote_code=cfg.trust_remote_code))
+    init_model = distributed.shard(loading.load_model(cfg.sft_dir, device, trust_remote_code=cfg.trust_remote_code))
     test_rows = short_enough(test_rows, tokenizer, cfg.max_prompt_tokens, "eval")
     evaluate = evaluation.rlhf_evaluator(
         test_rows[:cfg.eval_limit] if cfg.eval_limit else test_rows, gold, proxy, init_model.requires_grad_(False),
+        bt_proxy=evaluation.make_proxy(proxy_rm, tokenizer, eos_penalty=None, batch_size=cfg.gold_batch_size),
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.gen_batch_size, seed=cfg.seed,
         pairs=cfg.eval_pairs, sharpness_prompts=cfg.sharpness_prompts,
         sharpness_perturbations=cfg.sharpness_perturbations, sharpness_sigma=cfg.sharpness_sigma)
@@ -336,9 +346,9 @@ def run_rl(cfg: Config, train_rows: list[dict], test_rows: list[dict]) -> dict:
     t0 = time.time()
     last = grpo.rl_train(dataclasses.replace(cfg, model=cfg.sft_dir, out_dir=cfg.rl_dir), train_rows,
                          evaluation.tldr_messages, score, evaluate)
-    if grpo.is_main():
+    if distributed.is_main():
         out = Path(cfg.rl_dir)
-        evaluation.plot_runs([out], out / "curves.png", evaluation.TLDR_PANELS, title=out.name)
+        plots.plot_runs([out], out / "curves.png", plots.TLDR_PANELS, title=out.name)
         print(f"rl: {cfg.steps} steps in {time.time() - t0:.0f}s; curves in {out / 'curves.png'}")
     return last
 
@@ -349,18 +359,18 @@ def check_inputs(cfg: Config) -> None:
     """One-line errors before any work: flags, model dirs of the stages that are skipped, the gold RM."""
     stages = ("sft", "rm", "rl") if cfg.stage == "all" else (cfg.stage,)
     if "sft" not in stages and not Path(cfg.sft_dir).exists():
-        grpo.fail(f"--sft-dir {cfg.sft_dir!r} does not exist: run --stage sft first (or pass --sft-dir)")
+        loading.fail(f"--sft-dir {cfg.sft_dir!r} does not exist: run --stage sft first (or pass --sft-dir)")
     if "rl" in stages and "rm" not in stages and not (Path(cfg.rm_dir) / "config.json").exists():
-        grpo.fail(f"--rm-dir {cfg.rm_dir!r} has no reward model: run --stage rm first (or pass --rm-dir)")
+        loading.fail(f"--rm-dir {cfg.rm_dir!r} has no reward model: run --stage rm first (or pass --rm-dir)")
     grpo.validate(cfg, check_model=False)  # RL flags; lr, β and dtype defaults
     if "sft" in stages:
-        grpo.check_model_path(cfg.model)
+        loading.check_model_path(cfg.model)
     if ("rm" in stages or "rl" in stages) and cfg.gold_rm != evaluation.TOY_GOLD:
-        grpo.check_model_path(cfg.gold_rm, "--gold-rm")
+        loading.check_model_path(cfg.gold_rm, "--gold-rm")
     if not 0 < cfg.rm_heldout < 1:
-        grpo.fail(f"--rm-heldout must be in (0, 1), got {cfg.rm_heldout}")
+        loading.fail(f"--rm-heldout must be in (0, 1), got {cfg.rm_heldout}")
     if cfg.sharpness_sigma < 0:
-        grpo.fail(f"--sharpness-sigma must be >= 0, got {cfg.sharpness_sigma}")
+        loading.fail(f"--sharpness-sigma must be >= 0, got {cfg.sharpness_sigma}")
 
 
 def main(cfg: Config) -> dict:
@@ -373,8 +383,8 @@ def main(cfg: Config) -> dict:
     train = evaluation.load_tldr_rows(cfg.dataset, "train", cfg.prompt_field, cfg.reference_field)
     test = evaluation.load_tldr_rows(cfg.test_dataset or cfg.dataset, cfg.test_split, cfg.prompt_field,
                                      cfg.reference_field)
-    grpo.init_distributed()
-    grpo.seed_everything(cfg.seed)
+    distributed.init_distributed()
+    distributed.seed_everything(cfg.seed)
     results, times = {}, {}
     for stage, run in (("sft", lambda: run_sft(cfg, train)), ("rm", lambda: run_rm(cfg, train)),
                        ("rl", lambda: run_rl(cfg, train, test))):
@@ -382,17 +392,17 @@ def main(cfg: Config) -> dict:
             continue
         done_dir = {"sft": cfg.sft_dir, "rm": cfg.rm_dir}.get(stage)
         if cfg.stage == "all" and cfg.resume and done_dir and (Path(done_dir) / "config.json").exists():
-            if grpo.is_main():
+            if distributed.is_main():
                 print(f"--resume: {stage} already done in {done_dir}")
             continue
         t0 = time.time()
         results[stage] = run()
         times[stage] = round(time.time() - t0, 1)
-    if grpo.is_main():
+    if distributed.is_main():
         print("stage wall times (s): " + json.dumps(times))
     return {"results": results, "seconds": times}
 
 
 if __name__ == "__main__":
-    main(grpo.parse_config(Config, presets=PRESETS))
-    grpo.finish_distributed()
+    main(loading.parse_config(Config, presets=PRESETS))
+    distributed.finish_distributed()

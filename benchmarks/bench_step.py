@@ -1,4 +1,4 @@
-"""Benchmark one RL update (plain / KL / GR) and rollout generation (grpo.generate vs HF `model.generate`).
+"""Benchmark one RL update (plain / KL / GR) and rollout generation (generation.generate vs HF `model.generate`).
 
 Same model, same fixed batch, one run; the variants alternate (plain, kl, gr, plain, kl, gr, ...) so drift
 (other load, thermals) hits them alike. Reported: medians, ratios of medians to plain (updates) or to HF
@@ -6,16 +6,16 @@ Same model, same fixed batch, one run; the variants alternate (plain, kl, gr, pl
 CPU machine is steadier than wall time (it leaves out time spent descheduled). Every update runs the real
 code path, `grpo.train_step` with Adam on a batch built like tests/tiny.py `rollout_batch` (left-padded
 prompts, right-padded completions); the kl variant times `grpo.reference_logprobs` too. Generation runs as the
-trainer's does, on `grpo.rollout_model` (the --gen-dtype replica of the policy, or the policy itself), with the
+trainer's does, on `generation.rollout_model` (the --gen-dtype replica of the policy, or the policy itself), with the
 same prompts and sampling distribution (temperature, top_k 0, top_p 1) for every variant, all forced to emit
-exactly the requested number of tokens (no EOS). --gens picks the variants: ours (`grpo.generate`: static KV
+exactly the requested number of tokens (no EOS). --gens picks the variants: ours (`generation.generate`: static KV
 cache, eager), graphed (the same with CUDA-graph decode steps, the trainer's --cuda-graphs; CUDA only), hf (HF
 `generate`: its DynamicCache, eager) and hf_static (HF `generate` with a static cache and `torch.compile`, the best
 HF offers: CUDA graphs on GPU; on CPU a long compile). Printed per variant:
 tok/s, ms per decode step, and with --bandwidth-gbs the share of the memory-bandwidth bound (every decode step reads
 the weights and the KV cache once).
-Setup is the trainer's, `grpo.init_distributed()`, so on CPU glibc keeps freed memory
-(`grpo.keep_freed_memory`) here exactly as in training.
+Setup is the trainer's: `distributed.init_distributed()` and, on CPU, `distributed.keep_freed_memory()` (glibc keeps
+freed memory) exactly as in training.
 
 Peak memory of each update (one extra, untimed call each): on CUDA `torch.cuda.max_memory_allocated`;
 on CPU the tensor-byte counter of c10's CPU allocator, read from `torch.profiler(profile_memory=True)`
@@ -57,7 +57,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import distributed  # noqa: E402
+import generation  # noqa: E402
 import grpo  # noqa: E402
+import loading  # noqa: E402
 from gr import block_parameters, local_shard  # noqa: E402
 
 SIZES = {  # Qwen2Config kwargs (untied head unless the size says otherwise); benchmarks/gr_precision.py uses them too
@@ -121,7 +124,7 @@ class Config:
 # ----------------------------------------------------------------------------- setup
 
 def log(*args):
-    if grpo.is_main():
+    if distributed.is_main():
         print(*args, flush=True)
 
 
@@ -159,7 +162,7 @@ def build_model(cfg: Config, size: str, device):
     dtype = getattr(torch, cfg.dtype)
     model = (AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype) if cfg.model else
              qwen2(size, cfg.seed).to(dtype))
-    return model.to(device).eval()  # as grpo.load_model: no dropout in RL
+    return model.to(device).eval()  # as loading.load_model: no dropout in RL
 
 
 def random_batch(n: int, P: int, T: int, vocab: int, seed: int, group: int = 4) -> dict:
@@ -191,7 +194,7 @@ def make_batch(cfg: Config, vocab: int, rank: int, world: int, device):
 
 def update(name, cfg: Config, model, ref, opt, batch):
     """One optimizer step of the trainer (phases 5-6), with its reference forward for kl."""
-    with grpo.autocast(batch["input_ids"].device, cfg.update_dtype):
+    with distributed.autocast(batch["input_ids"].device, cfg.update_dtype):
         if name == "kl":
             batch = dict(batch, ref_logp=grpo.reference_logprobs(ref, batch, cfg.temperature, cfg.micro_batch_size))
         return grpo.train_step(model, opt, batch, reg="none" if name == "plain" else name,
@@ -205,11 +208,12 @@ def generate(name, cfg: Config, model, ids, mask, n_new: int, seed: int, rank: i
     the limit. A rollout model that is the fp32 policy itself generates under --gen-dtype autocast, as in training."""
     no_eos = model.config.vocab_size + 7
     autocast = next(model.parameters()).dtype == torch.float32 and cfg.gen_dtype != "float32"
-    with grpo.autocast(ids.device, cfg.gen_dtype if autocast else "float32"):
+    with distributed.autocast(ids.device, cfg.gen_dtype if autocast else "float32"):
         if name in ("ours", "graphed"):
-            model.grpo_cuda_graphs = name == "graphed"  # what grpo.rollout_model(..., cuda_graphs=) marks
-            out, _ = grpo.generate(model, ids, mask, max_new_tokens=n_new, eos_token_ids=[no_eos], pad_token_id=0,
-                                   temperature=cfg.temperature, generator=grpo.step_generator(seed, 0, rank, ids.device))
+            model.grpo_cuda_graphs = name == "graphed"  # what generation.rollout_model(..., cuda_graphs=) marks
+            generator = distributed.step_generator(seed, 0, rank, ids.device)
+            out, _ = generation.generate(model, ids, mask, max_new_tokens=n_new, eos_token_ids=[no_eos], pad_token_id=0,
+                                         temperature=cfg.temperature, generator=generator)
             return out
         from transformers import CompileConfig, GenerationConfig
         torch.manual_seed(seed)
@@ -221,7 +225,7 @@ def generate(name, cfg: Config, model, ids, mask, n_new: int, seed: int, rank: i
                               min_new_tokens=n_new, eos_token_id=None, pad_token_id=0, bos_token_id=None,
                               **(static if name == "hf_static" else {}))
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
-        grpo.reshard(model)  # FSDP2 leaves the root gathered after a forward with no backward
+        distributed.reshard(model)  # FSDP2 leaves the root gathered after a forward with no backward
         return out[:, ids.shape[1]:]
 
 
@@ -253,7 +257,7 @@ def bound_tok_s(model, n: int, prompt_len: int, n_new: int, bandwidth_gbs: float
 def timed(fn, device):
     """(wall seconds, this process's CPU seconds). CPU time ignores time spent descheduled, which on a shared CPU
     machine is most of the noise; for one thread it is the work done (GPU: use wall)."""
-    grpo.barrier()  # ranks start together, so no rank's time includes waiting for another's previous call
+    distributed.barrier()  # ranks start together, so no rank's time includes waiting for another's previous call
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     fn()
@@ -351,7 +355,7 @@ def bench(cfg: Config, size: str, rank: int, world: int, device) -> dict:
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     n_block = sum(p.numel() for p in block_parameters(model))
-    model, ref = grpo.shard(model), grpo.shard(ref)
+    model, ref = distributed.shard(model), distributed.shard(ref)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     batch = make_batch(cfg, model.config.vocab_size, rank, world, device)
     n_local, n_new = batch["input_ids"].shape[0], cfg.gen_tokens or cfg.completion_len
@@ -365,7 +369,7 @@ def bench(cfg: Config, size: str, rank: int, world: int, device) -> dict:
     samples = alternate(updates, cfg, device)
     mem = {u: peak_bytes(lambda: fn(0), device) for u, fn in updates.items()} if cfg.memory and updates else {}
 
-    rollout = grpo.rollout_model(model, getattr(torch, cfg.gen_dtype))
+    rollout = generation.rollout_model(model, getattr(torch, cfg.gen_dtype))
     prompt_ids, prompt_mask, shape_new = gen_prompts(cfg, model.config.vocab_size, batch, device)
     n_gen, n_new = prompt_ids.shape[0], shape_new or n_new
     log(f"generation: {n_gen}x({prompt_ids.shape[1]}+{n_new}) per rank on "
@@ -437,25 +441,25 @@ def summary(results: list[dict]):
 
 
 def main(argv=None):
-    cfg = grpo.parse_config(Config, argv)
+    cfg = loading.parse_config(Config, argv)
     unknown = [g for g in cfg.gens.split(",") if g not in GENS]
     if unknown or not cfg.gens:
-        grpo.fail(f"--gens: unknown {unknown or 'empty'}; choose from {list(GENS)}")
-    # the trainer's setup: process group under torchrun and, on CPU, grpo.keep_freed_memory (glibc keeps freed
+        loading.fail(f"--gens: unknown {unknown or 'empty'}; choose from {list(GENS)}")
+    # the trainer's setup: process group under torchrun and, on CPU, distributed.keep_freed_memory (glibc keeps freed
     # memory), which changes update times (GR's most: its peak is highest), so the benchmark must run with it too
-    rank, world, device = grpo.init_distributed()
+    rank, world, device = distributed.init_distributed()
+    kept = device.type == "cpu" and distributed.keep_freed_memory()
     if cfg.device and not (cfg.device == "cuda" and world > 1):  # under torchrun each rank keeps its own GPU
         device = torch.device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    grpo.seed_everything(cfg.seed)
-    kept = "on" if grpo.rank_device().type == "cpu" else "off (CUDA)"  # init_distributed's rule
-    log(f"{machine(device)}, world {world}; keep_freed_memory {kept}")
+    distributed.seed_everything(cfg.seed)
+    log(f"{machine(device)}, world {world}; keep_freed_memory {'on' if kept else 'off'}")
     log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     sizes = [cfg.model] if cfg.model else [s for s in cfg.sizes.split(",") if s]
     results = [bench(cfg, s, rank, world, device) for s in sizes]
     summary(results)
-    grpo.finish_distributed()
+    distributed.finish_distributed()
     return results
 
 

@@ -24,7 +24,7 @@ Compute modes (`--modes`; the model's weights are the same fp32 init cast to eac
     float64        weights and compute in fp64 (RMSNorm patched to stay in fp64; RoPE cos/sin stay fp32 constants)
     float32        fp32 weights, fp32 compute
     tf32           fp32 weights, matmuls with TF32 inputs (CUDA only; on CPU it is skipped and the reason printed)
-    bf16-autocast  fp32 master weights, bf16 autocast (the trainer's `--update-dtype bfloat16`, grpo.autocast)
+    bf16-autocast  fp32 master weights, bf16 autocast (the trainer's `--update-dtype bfloat16`, distributed.autocast)
     bf16-held      the model cast to bf16 (weights held in bf16, as under DeepSpeed bf16); gr_backward itself adds
                    ε·g1 to the bf16 weights, and the gradients are bf16
 
@@ -70,7 +70,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import distributed  # noqa: E402
 import grpo  # noqa: E402
+import loading  # noqa: E402
 from bench_step import SIZES, machine, qwen2, random_batch  # noqa: E402
 from gr import block_parameters, gr_backward  # noqa: E402
 
@@ -105,7 +107,7 @@ def build_model(cfg: Config, size: str, device) -> nn.Module:
     from transformers import AutoModelForCausalLM
     model = (AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32) if cfg.model else
              qwen2(size, cfg.seed).float())
-    return model.to(device).eval()  # as grpo.load_model: no dropout in RL
+    return model.to(device).eval()  # as loading.load_model: no dropout in RL
 
 
 def fp64_rms_norm(self, x):
@@ -157,7 +159,7 @@ def weight_dtype(mode: str) -> torch.dtype:
 def compute_context(mode: str, device):
     """The autocast / matmul-precision context of a mode's forward and backward."""
     if mode == "bf16-autocast":
-        return grpo.autocast(device, "bfloat16")  # the trainer's --update-dtype bfloat16
+        return distributed.autocast(device, "bfloat16")  # the trainer's --update-dtype bfloat16
     if mode == "tf32":
         return tf32_matmuls()
     return nullcontext()
@@ -349,7 +351,7 @@ def summary(results: list[dict], cfg: Config):
 
 
 def main(argv=None):
-    cfg = grpo.parse_config(Config, argv)
+    cfg = loading.parse_config(Config, argv)
     bad = [m for m in cfg.modes.split(",") if m and m not in MODES]
     if bad:
         raise SystemExit(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")

@@ -1,6 +1,6 @@
 """Test session setup: never reach for the hub, keep CPU threads predictable, run on the CPU.
 
-Every test runs on the CPU (GRPO_DEVICE=cpu, read by grpo.rank_device), so the suite gives the same answers on a
+Every test runs on the CPU (GRPO_DEVICE=cpu, read by distributed.rank_device), so the suite gives the same answers on a
 laptop, in CI and on a GPU node, and a torchrun test with more ranks than GPUs still runs (gloo). The CUDA paths have
 their own tests (tests/test_cuda.py), which set GRPO_DEVICE=cuda and are skipped, with the reason printed, without a
 GPU. `GRPO_DEVICE=cuda python -m pytest` runs the rest of the suite on the GPU as well.

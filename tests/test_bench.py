@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import grpo
+import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_step.py"
@@ -56,14 +56,14 @@ def test_bench_times_generation_alone_against_ours():
 
 
 def test_bench_uses_trainer_setup(monkeypatch):
-    """The benchmark goes through grpo.init_distributed, so glibc keeps freed memory as in training (CPU runs)."""
+    """The benchmark sets up as training does: on the CPU glibc keeps freed memory (distributed.keep_freed_memory)."""
     monkeypatch.setenv("GRPO_DEVICE", "cpu")
     class Called(Exception):
         pass
 
     def keep_freed_memory():
         raise Called  # stop before any benchmarking: reaching here is the check
-    monkeypatch.setattr(grpo, "keep_freed_memory", keep_freed_memory)
+    monkeypatch.setattr(distributed, "keep_freed_memory", keep_freed_memory)
     monkeypatch.setattr(sys, "argv", [str(BENCH), *TINY])
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script prepends the repository root
     with pytest.raises(Called):

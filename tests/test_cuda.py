@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import generation
 import test_bench
 import test_fsdp
 import test_tldr
@@ -32,18 +33,19 @@ def torchrun(args: list[str], nproc: int = 1, port: int = 29531, timeout: int = 
 
 
 COLLECTIVES = """
-import torch, torch.distributed as dist, grpo
-rank, world, device = grpo.init_distributed()
+import torch, torch.distributed as dist, distributed
+rank, world, device = distributed.init_distributed()
 assert device.type == "cuda", device
 for local in (torch.ones(2, 1), torch.ones(2, 1, device=device)):  # a CPU tensor is issue 10's crash under nccl
-    assert grpo.all_gather_rows(local * rank, [2 * rank, 2 * rank + 1], 2 * world).flatten().tolist() == \\
+    assert distributed.all_gather_rows(local * rank, [2 * rank, 2 * rank + 1], 2 * world).flatten().tolist() == \\
         [float(r) for r in range(world) for _ in range(2)]
-    assert grpo.all_reduce_sum(local).sum().item() == 2 * world and grpo.all_reduce_sum(local).device == local.device
-assert grpo.all_gather_objects({"rank": rank}) == [{"rank": r} for r in range(world)]
+    summed = distributed.all_reduce_sum(local)
+    assert summed.sum().item() == 2 * world and summed.device == local.device
+assert distributed.all_gather_objects({"rank": rank}) == [{"rank": r} for r in range(world)]
 parts = [torch.zeros(3) for _ in range(world)]
 dist.all_gather(parts, torch.full((3,), float(rank)))  # a raw CPU collective goes over the group's gloo backend
 assert [p[0].item() for p in parts] == list(range(world))
-grpo.barrier()
+distributed.barrier()
 print("collectives ok")
 dist.destroy_process_group()
 """
@@ -76,14 +78,13 @@ def test_train_math_with_cuda_graph_decode(small_toy, tmp_path):
 @pytest.mark.parametrize("graphs", [False, True])
 def test_greedy_generation_on_cuda_matches_hf_generate(graphs):
     """fp32 (no TF32): our static-cache decode, eager or replayed as a CUDA graph, == HF `generate`."""
-    import grpo
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = grpo.rollout_model(tiny_model("qwen2").cuda(), torch.float32, cuda_graphs=graphs)
+    model = generation.rollout_model(tiny_model("qwen2").cuda(), torch.float32, cuda_graphs=graphs)
     batch = rollout_batch(n=6, prompt_len=7, completion_len=1, group=3, device="cuda")
     ids, mask = batch["input_ids"][:, :7], batch["attention_mask"][:, :7]
     for _ in range(2):  # the second call replays the recorded graph
-        ours, _ = grpo.generate(model, ids, mask, max_new_tokens=20, eos_token_ids=[VOCAB + 1], pad_token_id=0,
-                                temperature=0)
+        ours, _ = generation.generate(model, ids, mask, max_new_tokens=20, eos_token_ids=[VOCAB + 1], pad_token_id=0,
+                                      temperature=0)
     hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=20, min_new_tokens=20,
                         eos_token_id=None, pad_token_id=0)
     assert torch.equal(ours[:, :20], hf[:, 7:])
@@ -92,16 +93,16 @@ def test_greedy_generation_on_cuda_matches_hf_generate(graphs):
 def test_bf16_replica_on_cuda_follows_the_policy():
     import grpo
     policy = tiny_model("qwen2").cuda()
-    replica = grpo.rollout_model(policy, torch.bfloat16)
+    replica = generation.rollout_model(policy, torch.bfloat16)
     opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
     grpo.train_step(policy, opt, rollout_batch(device="cuda"), reg="gr", temperature=0.7, normalizer=42,
                     micro_batch_size=6, gamma=1e-3, eps=1e-3)
-    grpo.refresh_rollout_model(replica, policy)
+    generation.refresh_rollout_model(replica, policy)
     assert all(torch.equal(r, p.detach().to(torch.bfloat16)) for r, p in zip(replica.parameters(), policy.parameters()))
     batch = rollout_batch(n=8, prompt_len=5, completion_len=1, group=4, device="cuda")
-    out, mask = grpo.generate(replica, batch["input_ids"][:, :5], batch["attention_mask"][:, :5], max_new_tokens=16,
-                              eos_token_ids=[1], pad_token_id=0, temperature=0.7,
-                              generator=torch.Generator("cuda").manual_seed(0))
+    out, mask = generation.generate(replica, batch["input_ids"][:, :5], batch["attention_mask"][:, :5],
+                                    max_new_tokens=16, eos_token_ids=[1], pad_token_id=0, temperature=0.7,
+                                    generator=torch.Generator("cuda").manual_seed(0))
     assert out.shape[0] == 8 and ((out >= 0) & (out < VOCAB)).all()
 
 

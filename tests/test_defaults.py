@@ -6,6 +6,7 @@ import torch
 
 import eval as evaluation
 import grpo
+import loading
 import train_judge
 import train_math
 import train_tldr
@@ -25,7 +26,7 @@ SCRIPTS = {  # 256 sequences (32 × 8) per step; MATH 1024 (128 × 8); output le
 
 def configure(module, argv):
     """The config a script runs with: its flags parsed, then the defaults its main fills in before any work."""
-    cfg = grpo.parse_config(module.Config, argv, module.PRESETS)
+    cfg = loading.parse_config(module.Config, argv, module.PRESETS)
     if module is train_math:
         train_math.resolve_task_defaults(cfg)
     grpo.validate(cfg, check_model=False)
@@ -53,7 +54,7 @@ def test_explicit_flags_and_presets_win_over_the_defaults():
 
 
 def test_eval_defaults_are_the_papers():
-    cfg = grpo.parse_config(evaluation.EvalConfig, [])
+    cfg = loading.parse_config(evaluation.EvalConfig, [])
     assert (cfg.temperature, cfg.eos_penalty, cfg.sharpness_perturbations, cfg.sharpness_sigma) == (0.7, -1.0, 32, 0.02)
 
 
@@ -63,7 +64,7 @@ def test_eval_max_new_tokens_default_per_task(task, tokens, monkeypatch):
     for name in ("evaluate_reasoning", "evaluate_tldr"):
         monkeypatch.setattr(evaluation, name, lambda cfg: seen.append(cfg.max_new_tokens) or {})
     for flags in ([], ["--max-new-tokens", "5"]):
-        evaluation.evaluate(grpo.parse_config(evaluation.EvalConfig, ["--task", task, *flags]))
+        evaluation.evaluate(loading.parse_config(evaluation.EvalConfig, ["--task", task, *flags]))
     assert seen == [tokens, 5]
 
 

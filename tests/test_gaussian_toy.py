@@ -11,6 +11,7 @@ import torch
 
 import gaussian_toy as gt
 import grpo
+import loading
 import study
 
 CFG = gt.ToyConfig()
@@ -160,7 +161,7 @@ def test_study_gaussian_smoke(tmp_path, monkeypatch):
     """`study.py --toy gaussian`: both proxies, two seeds, a few steps: the seeded table and the plots; the reward
     model ranks held-out pairs about as well as R* itself."""
     monkeypatch.setattr(gt, "REGIMES", {k: gt.REGIMES[k] for k in ("none", "gr-g1", "gr-is-g1")})
-    cfg = grpo.parse_config(study.StudyConfig, ["--toy", "gaussian", "--seeds", "2", "--steps", "3",
+    cfg = loading.parse_config(study.StudyConfig, ["--toy", "gaussian", "--seeds", "2", "--steps", "3",
                                                 "--parallel", "1", "--out-dir", str(tmp_path)])
     text = study.main(cfg)
     assert text == (tmp_path / "table.md").read_text()

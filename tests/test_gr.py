@@ -205,3 +205,28 @@ def test_eps_zero_is_rejected():
     model = Quadratic()
     with pytest.raises(ValueError, match="eps"):
         gr_backward(model, lambda: model(), gamma=1e-3, eps=0.0)
+
+
+def test_gamma_equal_to_eps_gives_exactly_the_clipped_perturbed_gradient():
+    """γ = ε (the paper's reasoning setting): the block gradient is clip(g2) bit for bit, g2 the gradient at
+    φ + ε·clip(g1) computed here by hand; elsewhere it is clip(g1)."""
+    model = tiny_model(dtype=torch.float64)
+    batch = rollout_batch()
+    batch["advantages"] = batch["advantages"].double() * 300  # both clips act
+    loss_fn, closure = grpo_closure(model, batch)
+    params, blocks = list(model.parameters()), {id(p) for p in block_parameters(model)}
+    g1 = list(torch.autograd.grad(loss_fn(), params))
+    clip_(g1, 10.0)
+    with torch.no_grad():
+        saved = [p.clone() for p in params]
+        for p, g in zip(params, g1):
+            if id(p) in blocks:
+                p.add_(g, alpha=1e-3)
+    g2 = list(torch.autograd.grad(loss_fn(), params))
+    assert clip_(g2, 10.0) > 10
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    gr_backward(model, closure, gamma=1e-3, eps=1e-3)
+    for p, a, b in zip(params, g1, g2):
+        assert torch.equal(p.grad, b if id(p) in blocks else a)

@@ -18,7 +18,7 @@ from transformers import (AutoModelForSequenceClassification, GPTNeoXConfig, GPT
 
 from rewards import (GSM8K_FORMAT_INSTRUCTION, GSM8K_REWARD_KEYS, JUDGE_INSTRUCTION, JUDGE_ONE_SHOT_REPLY,
                      MATH_INSTRUCTION, QWEN_SYSTEM_PROMPT, XML_COT_FORMAT, bradley_terry_loss, extract_xml_answer,
-                     gsm8k_gold, gsm8k_messages, gsm8k_rewards, judge_messages, judge_rewards, last_boxed,
+                     grader_pool, gsm8k_gold, gsm8k_messages, gsm8k_rewards, judge_messages, judge_rewards, last_boxed,
                      math_messages, math_rewards, math_rewards_batch, parse_judge_score, reasoning_steps_reward,
                      render_chat, rm_last_token_scores, rm_scores, rm_scores_from_ids, xml_count_reward)
 
@@ -308,16 +308,35 @@ def test_math_rewards_work_in_worker_threads():
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_math_rewards_batch_matches_single_calls_and_keeps_order(workers):
+    """In the calling thread or in a grader pool's processes: the same results, in order."""
     solutions = ["\\boxed{\\frac{1}{2}}", "no boxed gold", "\\boxed{(0,1]}"]
     answers = ["0.5", "\\frac{2}{4}", "1/3", "7", "(0, 1]", "[0,1]", "no box"]
     completions, golds = [], []
     for i, answer in enumerate(answers * 3):  # interleaved groups
         completions.append(f"1. think\n2. more\n\\boxed{{{answer}}}" if answer != "no box" else answer)
         golds.append(solutions[i % 3])
-    batch = math_rewards_batch(completions, golds, workers=workers)
-    assert batch == [math_rewards(c, s) for c, s in zip(completions, golds)]
-    assert [b is None for b in batch] == [s == "no boxed gold" for s in golds]
-    assert math_rewards_batch([], [], workers=workers) == []
+    pool = grader_pool(workers)
+    try:
+        batch = math_rewards_batch(completions, golds, pool=pool)
+        assert batch == [math_rewards(c, s) for c, s in zip(completions, golds)]
+        assert [b is None for b in batch] == [s == "no boxed gold" for s in golds]
+        assert math_rewards_batch([], [], pool=pool) == []
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def test_grader_pool_starts_fresh_interpreters_with_timeouts_active():
+    """The pool's processes are not forked from the trainer (forkserver: safe beside CUDA and NCCL threads), and tasks
+    run in their main thread, where math-verify's signal-based timeout works (elsewhere it is switched off)."""
+    import rewards
+    pool = grader_pool(1)
+    try:
+        assert pool._mp_context.get_start_method() == "forkserver"
+        assert pool.submit(rewards._math_verify_timeout).result() == rewards.MATH_VERIFY_TIMEOUT_S
+    finally:
+        pool.shutdown()
+    assert grader_pool(0) is None
 
 
 def test_math_grader_timeout_or_error_scores_0_and_is_counted(monkeypatch):

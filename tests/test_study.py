@@ -1,6 +1,6 @@
 """study.py smoke: two seeds of a tiny sweep on a small toy judge write the seeded table and the plots."""
 
-import grpo
+import loading
 import study
 
 
@@ -9,8 +9,8 @@ def test_study_smoke(small_judge_toy, tmp_path, monkeypatch):
     extra = (f"--model {policy} --judge {judge} --dataset {train} --test-dataset {test} --prompts-per-step 4 "
              f"--group-size 4 --max-new-tokens 16 --judge-max-new-tokens 24 --eval-limit 4 --eval-pairs 4 "
              f"--sharpness-perturbations 2 --sharpness-prompts 4")
-    cfg = grpo.parse_config(study.StudyConfig, ["--tasks", "judge", "--seeds", "2", "--steps", "2", "--no-prepare",
-                                                "--out-dir", str(tmp_path), "--extra", extra])
+    cfg = loading.parse_config(study.StudyConfig, ["--tasks", "judge", "--seeds", "2", "--steps", "2", "--no-prepare",
+                                                   "--out-dir", str(tmp_path), "--extra", extra])
     monkeypatch.setattr(study, "REGIMES", {k: study.REGIMES[k] for k in ("none", "gr-g0.01")})
     text = study.main(cfg)
     assert text == (tmp_path / "table.md").read_text()

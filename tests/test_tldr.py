@@ -13,7 +13,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import eval as evaluation
+import generation
 import grpo
+import loading
+import rundir
+import supervised
 import toy
 import train_tldr
 from rewards import bradley_terry_loss, rm_last_token_scores
@@ -33,7 +37,8 @@ def toy_args(small_tldr, out, *extra):
 
 
 def run(small_tldr, out, *extra):
-    return train_tldr.main(grpo.parse_config(train_tldr.Config, toy_args(small_tldr, out, *extra), train_tldr.PRESETS))
+    args = toy_args(small_tldr, out, *extra)
+    return train_tldr.main(loading.parse_config(train_tldr.Config, args, train_tldr.PRESETS))
 
 
 def read_metrics(run_dir, with_initial_eval=False):
@@ -49,7 +54,7 @@ def run_cli(args):
 def naive_heldout_pairs(rm_dir) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores (chosen, rejected) of the saved RM on its held-out pairs, each sequence alone (prompt + completion +
     EOS, no padding): the scalar head's output at the last token."""
-    tokenizer = grpo.load_tokenizer(str(rm_dir))
+    tokenizer = loading.load_tokenizer(str(rm_dir))
     rm = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
     pairs = [json.loads(line) for line in (Path(rm_dir) / "pairs.jsonl").read_text().splitlines()]
     pairs = [p for p in pairs if p["split"] == "heldout"]
@@ -71,9 +76,9 @@ def pair_accuracy(chosen, rejected) -> float:
 def naive_win_rate(policy_dir, rows, max_new_tokens) -> tuple[float, float]:
     """(win rate vs the references, mean gold) of greedy completions (`greedy_continuation`), both by the toy gold
     reward, which also charges a completion without EOS; ties count 1/2."""
-    tokenizer = grpo.load_tokenizer(str(policy_dir))
+    tokenizer = loading.load_tokenizer(str(policy_dir))
     model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
-    eos = grpo.eos_token_ids(tokenizer, model)
+    eos = loading.eos_token_ids(tokenizer, model)
     golds = []
     for row in rows:
         prompt = tokenizer(train_tldr.render(tokenizer, row), add_special_tokens=False)["input_ids"]
@@ -159,10 +164,10 @@ def test_rl_stage_logs_proxy_gold_and_rlhf_metrics(chain, small_tldr):
     assert result["results"]["rl"]["win_rate"] == evals[-1]["eval/win_rate"]
     # the last eval is of the final policy: greedy completions of the first 16 test prompts, judged by the toy gold
     eval_rows = train_tldr.short_enough(evaluation.load_tldr_rows(str(small_tldr[1]), "test"),
-                                        grpo.load_tokenizer(str(out / "sft")), 64, "eval")[:16]
-    win, gold = naive_win_rate(grpo.latest_checkpoint(out / "rl-none"), eval_rows, 16)
+                                        loading.load_tokenizer(str(out / "sft")), 64, "eval")[:16]
+    win, gold = naive_win_rate(rundir.latest_checkpoint(out / "rl-none"), eval_rows, 16)
     assert (evals[-1]["eval/win_rate"], evals[-1]["eval/gold"]) == pytest.approx((win, gold))
-    assert grpo.latest_checkpoint(out / "rl-none").name == "ckpt-000003"
+    assert rundir.latest_checkpoint(out / "rl-none").name == "ckpt-000003"
     assert (out / "rl-none" / "curves.png").stat().st_size > 0
 
 
@@ -183,13 +188,48 @@ def test_resume_skips_finished_stages(chain, small_tldr):
     assert {d: (out / d / "train_summary.json").read_text() for d in ("sft", "rm")} == before
 
 
+def test_proxy_bt_metric_scores_the_raw_reward_model_and_reports_the_no_eos_share(chain, small_tldr):
+    """The BT loss / accuracy on policy pairs is that of the proxy RM's own scores (each sequence scored alone, + EOS,
+    as it was trained), not of the trained reward whose EOS penalty gives every cut-off completion −1; the share of
+    samples without EOS is reported beside it. Completions cut at 3 tokens: most have no EOS."""
+    out, _ = chain
+    _, test, _ = small_tldr
+    rows = evaluation.load_tldr_rows(str(test), "test")[:16]
+    policy_dir = rundir.latest_checkpoint(out / "rl-none")
+    tokenizer = loading.load_tokenizer(str(policy_dir))
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    rm = loading.load_reward_model(out / "rm", "cpu", pad_token_id=tokenizer.pad_token_id)
+    gold = evaluation.make_gold("toy", "cpu")
+    sampling = dict(temperature=0.7, seed=0, max_new_tokens=3, batch_size=8)
+    got = evaluation.proxy_on_policy(policy, tokenizer, rows, evaluation.tldr_messages,
+                                     evaluation.make_proxy(rm, tokenizer, eos_penalty=None), gold, **sampling)
+    twice = [r for r in rows for _ in range(2)]
+    batches = list(evaluation.policy_samples(policy, tokenizer, twice, evaluation.tldr_messages, stream=1, **sampling))
+    texts, ended = [t for b in batches for t in b["texts"]], torch.cat([b["ended"] for b in batches])
+    assert 0 < (~ended).float().mean() < 1
+    with torch.no_grad():
+        raw = []
+        for row, text in zip(twice, texts):
+            ids = tokenizer(train_tldr.render(tokenizer, row) + text, add_special_tokens=False)["input_ids"]
+            raw.append(rm.score(rm.model(torch.tensor([ids + [tokenizer.eos_token_id]])).last_hidden_state)[0, -1, 0])
+    raw = torch.stack(raw)
+    golds = torch.tensor([toy.tldr_gold_reward(r["prompt"], t, bool(e)) for r, t, e in zip(twice, texts, ended)])
+    expected = evaluation.bt_loss_on_policy(raw[0::2], raw[1::2], golds[0::2], golds[1::2])
+    assert (got["bt_loss"], got["bt_accuracy"]) == pytest.approx((expected["bt_loss"], expected["bt_accuracy"]),
+                                                                 rel=1e-5)
+    assert got["sampled_no_eos"] == pytest.approx((~ended).double().mean().item())
+    penalised = torch.where(ended, raw, torch.full_like(raw, -1.0))  # what the trained reward would have scored
+    assert evaluation.bt_loss_on_policy(penalised[0::2], penalised[1::2], golds[0::2],
+                                        golds[1::2])["bt_loss"] != pytest.approx(expected["bt_loss"], rel=1e-3)
+
+
 def test_beta_default_depends_on_reg(small_tldr, tmp_path):
     for reg, beta in (("kl", 0.05), ("reset", 0.3), ("none", 0.05)):
-        cfg = grpo.parse_config(train_tldr.Config, toy_args(small_tldr, tmp_path, "--reg", reg), train_tldr.PRESETS)
+        cfg = loading.parse_config(train_tldr.Config, toy_args(small_tldr, tmp_path, "--reg", reg), train_tldr.PRESETS)
         grpo.validate(cfg, check_model=False)
         assert cfg.beta == beta
-    cfg = grpo.parse_config(train_tldr.Config, toy_args(small_tldr, tmp_path, "--reg", "reset", "--beta", "0.2"),
-                            train_tldr.PRESETS)
+    cfg = loading.parse_config(train_tldr.Config, toy_args(small_tldr, tmp_path, "--reg", "reset", "--beta", "0.2"),
+                               train_tldr.PRESETS)
     grpo.validate(cfg, check_model=False)
     assert cfg.beta == 0.2
 
@@ -207,22 +247,32 @@ def test_torchrun_two_processes_whole_chain(small_tldr, chain, tmp_path):
     assert summary["heldout_accuracy"] == pytest.approx(pair_accuracy(*naive_heldout_pairs(tmp_path / "rm")))
     rows = read_metrics(tmp_path / "rl-reset")
     assert [r["step"] for r in rows] == [0, 1, 2] and "eval/bt_loss" in rows[-1] and "kl" in rows[0]
-    assert (grpo.latest_checkpoint(tmp_path / "rl-reset") / "reference" / "model.safetensors").exists()
+    assert (rundir.latest_checkpoint(tmp_path / "rl-reset") / "reference" / "model.safetensors").exists()
 
 
 def test_eval_cli_on_checkpoint_and_plot(chain, small_tldr, tmp_path):
     out, _ = chain
     _, test, _ = small_tldr
     summary = evaluation.evaluate(evaluation.EvalConfig(
-        checkpoint=str(grpo.latest_checkpoint(out / "rl-none")), task="tldr", dataset=str(test), limit=12,
-        gold_rm="toy", proxy_rm=str(out / "rm"), reference_model=str(out / "sft"), max_new_tokens=16,
+        checkpoint=str(rundir.latest_checkpoint(out / "rl-none")), task="tldr", dataset=str(test), limit=12,
+        gold_rm="toy", proxy_rm=str(out / "rm"), reference_model=str(out / "sft"), max_new_tokens=4,
         batch_size=32, sharpness_perturbations=2, dtype="float32", out=str(tmp_path / "eval.json")))
     assert json.loads((tmp_path / "eval.json").read_text()) == summary
     assert summary["n"] == 12 and summary["grad_norm"] > 0
     assert {"bt_loss", "bt_accuracy", "kl", "sharpness", "gold", "proxy"} <= summary.keys()
     rows = evaluation.load_tldr_rows(str(test), "test")[:12]
-    win, gold = naive_win_rate(grpo.latest_checkpoint(out / "rl-none"), rows, 16)
+    win, gold = naive_win_rate(rundir.latest_checkpoint(out / "rl-none"), rows, 4)
     assert (summary["win_rate"], summary["gold"]) == pytest.approx((win, gold))
+    # the BT metric is the raw proxy RM's (the test above checks proxy_on_policy itself)
+    policy_dir = rundir.latest_checkpoint(out / "rl-none")
+    tokenizer = loading.load_tokenizer(str(policy_dir))
+    rm = loading.load_reward_model(out / "rm", "cpu", pad_token_id=tokenizer.pad_token_id)
+    raw = evaluation.proxy_on_policy(AutoModelForCausalLM.from_pretrained(policy_dir).eval(), tokenizer, rows,
+                                     evaluation.tldr_messages, evaluation.make_proxy(rm, tokenizer, eos_penalty=None),
+                                     evaluation.make_gold("toy", "cpu"), temperature=0.7, seed=0, max_new_tokens=4,
+                                     batch_size=32)
+    assert summary["bt_loss"] == pytest.approx(raw["bt_loss"], rel=1e-5)
+    assert 0 < summary["sampled_no_eos"] < 1  # 4 new tokens: some samples are cut off, where the two proxies differ
     png = tmp_path / "fig.png"
     proc = run_cli([sys.executable, "eval.py", "plot", str(out / "rl-none"), str(out / "rl-none" / "metrics.jsonl"),
                     "--out", str(png), "--panel", "step:rewards/proxy,rewards/gold", "--panel", "eval/kl:eval/gold"])
@@ -254,8 +304,8 @@ def test_bad_inputs_fail_fast_with_one_line(small_tldr, chain, tmp_path):
 
 
 def test_non_finite_sft_loss_stops_with_step_number(small_tldr, tmp_path, monkeypatch):
-    sft_loss = grpo.sft_loss
-    monkeypatch.setattr(grpo, "sft_loss", lambda *args: sft_loss(*args) * float("nan"))
+    sft_loss = supervised.sft_loss
+    monkeypatch.setattr(supervised, "sft_loss", lambda *args: sft_loss(*args) * float("nan"))
     with pytest.raises(FloatingPointError, match="sft step 0: non-finite loss"):
         run(small_tldr, tmp_path, "--stage", "sft")
     assert not (tmp_path / "sft").exists()
@@ -344,8 +394,8 @@ def test_sharpness_of_sampled_generation_is_zero_at_scale_zero_and_positive_othe
 
     def sample():  # 6 tokens per prompt, fixed sampling draws
         gen = torch.Generator().manual_seed(0)
-        return grpo.generate(model, ids, mask, max_new_tokens=6, eos_token_ids=[VOCAB + 1], pad_token_id=0,
-                             temperature=1.0, generator=gen)[0]
+        return generation.generate(model, ids, mask, max_new_tokens=6, eos_token_ids=[VOCAB + 1], pad_token_id=0,
+                                   temperature=1.0, generator=gen)[0]
 
     target = sample()
 
@@ -382,7 +432,7 @@ def test_gold_rm_from_a_hf_dir_scores_conversations_as_its_model_card(small_tldr
     """A real gold RM (here a tiny random one) scores the chat-template conversation, read at its last token."""
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
     _, _, base = small_tldr
-    tokenizer = grpo.load_tokenizer(str(base))
+    tokenizer = loading.load_tokenizer(str(base))
     tokenizer.chat_template = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %}<|endoftext|>assistant:{% endif %}")
     torch.manual_seed(0)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import grpo
+import loading
+import rundir
 import rewards
 import toy
 import train_judge
@@ -44,8 +45,8 @@ def test_smoke_logs_judge_and_true_reward(small_judge_toy, tmp_path, monkeypatch
         return judged[-1]
 
     monkeypatch.setattr(train_judge, "judge_rewards", judge_rewards)
-    cfg = grpo.parse_config(train_judge.Config, judge_args(small_judge_toy, tmp_path, "--reg", "gr"),
-                            train_judge.PRESETS)
+    cfg = loading.parse_config(train_judge.Config, judge_args(small_judge_toy, tmp_path, "--reg", "gr"),
+                               train_judge.PRESETS)
     train_judge.main(cfg)
     init, *rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert init["step"] == -1 and [r["step"] for r in rows] == [0, 1]
@@ -75,18 +76,18 @@ def test_torchrun_two_processes(small_judge_toy, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     initial = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert initial["step"] == -1 and initial["eval/pass@1_greedy"] == expected > 0
-    assert grpo.latest_checkpoint(tmp_path).name == "ckpt-000002"
+    assert rundir.latest_checkpoint(tmp_path).name == "ckpt-000002"
 
 
 def test_missing_judge_is_a_one_line_error(small_judge_toy, tmp_path):
     with pytest.raises(SystemExit, match="--judge .* no such directory"):
-        train_judge.main(grpo.parse_config(train_judge.Config, judge_args(
+        train_judge.main(loading.parse_config(train_judge.Config, judge_args(
             small_judge_toy, tmp_path, "--judge", str(tmp_path / "nope")), train_judge.PRESETS))
 
 
 def test_judge_error_and_sharpness_evals(small_judge_toy, tmp_path):
     """The eval's judge draws are fixed, so at σ = 0 every perturbation gives back J exactly: sharpness 0."""
-    final = train_judge.main(grpo.parse_config(train_judge.Config, judge_args(
+    final = train_judge.main(loading.parse_config(train_judge.Config, judge_args(
         small_judge_toy, tmp_path, "--steps", "1", "--eval-pairs", "6", "--sharpness-perturbations", "2",
         "--sharpness-prompts", "6", "--sharpness-sigma", "0"), train_judge.PRESETS))
     assert final["sharpness"] == 0 and final["sharpness_J"] == final["sharpness_J_perturbed"]

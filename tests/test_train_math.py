@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM
 
 import eval as evaluation
 import grpo
+import loading
+import rundir
 import train_math
 from rewards import extract_xml_answer, render_chat
 from tiny import greedy_continuation
@@ -39,8 +41,8 @@ def rows_answered_by(policy, rows, max_new_tokens, path):
     """Writes `rows` to `path` with the gold answer set to the policy's own greedy answer (`greedy_continuation` of
     the GSM8K prompt without system prompt) on even rows and to one it never gives on odd rows; returns the greedy
     pass@1 an eval of `policy` must report on them."""
-    tokenizer, model = grpo.load_tokenizer(str(policy)), AutoModelForCausalLM.from_pretrained(policy).eval()
-    eos = grpo.eos_token_ids(tokenizer, model)
+    tokenizer, model = loading.load_tokenizer(str(policy)), AutoModelForCausalLM.from_pretrained(policy).eval()
+    eos = loading.eos_token_ids(tokenizer, model)
     answers = []
     for row in rows:
         prompt = tokenizer(render_chat(tokenizer, evaluation.prompt_messages("gsm8k", row, None)),
@@ -60,8 +62,8 @@ def run_cli(args, **kw):
 
 @pytest.mark.parametrize("reg", grpo.REGS)
 def test_smoke_each_reg(small_toy, tmp_path, reg):
-    cfg = grpo.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--reg", reg, "--log-kl-init"),
-                            train_math.PRESETS)
+    cfg = loading.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--reg", reg, "--log-kl-init"),
+                               train_math.PRESETS)
     final = train_math.main(cfg)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -70,7 +72,7 @@ def test_smoke_each_reg(small_toy, tmp_path, reg):
                 "completion_length", "clipped_ratio", "time/generate"} <= r.keys()
         assert ("g2_norm" in r) == (reg == "gr") and ("kl" in r) == (reg in ("kl", "reset"))
     assert final == {k.removeprefix("eval/"): v for k, v in rows[-1].items() if k.startswith("eval/")}  # the last eval
-    ckpt = grpo.latest_checkpoint(tmp_path)
+    ckpt = rundir.latest_checkpoint(tmp_path)
     assert ckpt.name == "ckpt-000003" and (ckpt / "model.safetensors").exists()
     assert (ckpt / "reference" / "model.safetensors").exists() == (reg == "reset")
 
@@ -88,14 +90,14 @@ def test_torchrun_two_processes(small_toy, tmp_path):
     initial = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert initial["step"] == -1 and initial["eval/pass@1_greedy"] == expected > 0
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2]
-    assert grpo.latest_checkpoint(tmp_path).name == "ckpt-000003"
+    assert rundir.latest_checkpoint(tmp_path).name == "ckpt-000003"
 
 
 def test_eval_on_saved_checkpoint(small_toy, tmp_path):
-    cfg = grpo.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--steps", "1"), train_math.PRESETS)
+    cfg = loading.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--steps", "1"), train_math.PRESETS)
     train_math.main(cfg)
     _, test, _ = small_toy
-    ckpt = grpo.latest_checkpoint(tmp_path)
+    ckpt = rundir.latest_checkpoint(tmp_path)
     rows = [json.loads(line) for line in Path(test).read_text().splitlines()][:10]
     expected = rows_answered_by(ckpt, rows, 20, tmp_path / "test.jsonl")
     out = tmp_path / "eval.json"
@@ -110,12 +112,12 @@ def test_eval_on_saved_checkpoint(small_toy, tmp_path):
 def test_resume_reproduces_uninterrupted_run(small_toy, tmp_path, reg):
     common = ["--reg", reg, "--reset-every", "2", "--steps", "4"]  # reset: the step-2 checkpoint follows a reset
     full, killed = tmp_path / "full", tmp_path / "killed"
-    train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, full, *common), train_math.PRESETS))
+    train_math.main(loading.parse_config(train_math.Config, toy_args(small_toy, full, *common), train_math.PRESETS))
     # the "killed" run stops after its step-2 checkpoint, then resumes to the same end
-    train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, killed, *common, "--steps", "2"),
-                                      train_math.PRESETS))
-    train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, killed, *common, "--resume"),
-                                      train_math.PRESETS))
+    train_math.main(loading.parse_config(train_math.Config, toy_args(small_toy, killed, *common, "--steps", "2"),
+                                         train_math.PRESETS))
+    train_math.main(loading.parse_config(train_math.Config, toy_args(small_toy, killed, *common, "--resume"),
+                                         train_math.PRESETS))
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
     assert strip(read_metrics(killed)) == strip(read_metrics(full))
 
@@ -141,17 +143,23 @@ def test_bad_inputs_fail_fast_with_one_line(small_toy, tmp_path):
         assert not (tmp_path / "out" / "metrics.jsonl").exists()  # failed before any work
 
 
-def test_math_task_and_quintiles(small_toy, tmp_path, monkeypatch):
-    """--task math end to end on MATH-schema rows (math-verify rewards), then eval.py's Table-4 quintiles."""
+def math_task(small_toy, tmp_path, steps: int = 2) -> tuple[list[dict], Path, list[str]]:
+    """MATH-schema rows (one with an unparsable gold), their file, and train_math's flags for a short --task math run."""
     rows = [{"problem": f"What is {a} + {b}?", "solution": f"{a} + {b} = \\boxed{{{a + b}}}",
              "level": f"Level {1 + a % 5}", "type": ("Algebra", "Prealgebra")[b % 2]} for a in range(1, 7) for b in (2, 3)]
     rows.append({"problem": "Unparsable gold", "solution": "no boxed answer", "level": "Level 1", "type": "Algebra"})
     data = tmp_path / "math.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--task", "math", "--model", str(small_toy[2]), "--dataset", str(data), "--out-dir", str(tmp_path / "run"),
+            "--steps", str(steps), "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "16",
+            "--eval-limit", "6", "--save-every", str(steps), "--system-prompt", "", "--max-prompt-tokens", "256"]
+    return rows, data, args
+
+
+def test_math_task_and_quintiles(small_toy, tmp_path, monkeypatch):
+    """--task math end to end on MATH-schema rows (math-verify rewards), then eval.py's Table-4 quintiles."""
+    rows, data, args = math_task(small_toy, tmp_path)
     _, _, policy = small_toy
-    args = ["--task", "math", "--model", str(policy), "--dataset", str(data), "--out-dir", str(tmp_path / "run"),
-            "--steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "16", "--eval-limit", "6",
-            "--save-every", "2", "--system-prompt", "", "--max-prompt-tokens", "256"]
     import math_verify.parser
 
     def timing_out(pred, *args, **kwargs):
@@ -159,7 +167,7 @@ def test_math_task_and_quintiles(small_toy, tmp_path, monkeypatch):
 
     with monkeypatch.context() as mp:  # every grading times out: reward 0 and a counted failure, never a crash
         mp.setattr(math_verify.parser, "extract_target_from_pred", timing_out)
-        train_math.main(grpo.parse_config(train_math.Config, args))
+        train_math.main(loading.parse_config(train_math.Config, args))
     metrics = read_metrics(tmp_path / "run")
     assert {"rewards/correctness", "rewards/reasoning_steps", "rewards/true_reward"} <= metrics[0].keys()
     assert [(m["rewards/grader_failure_rate"], m["rewards/correctness"]) for m in metrics] == [(1.0, 0.0)] * 2
@@ -167,10 +175,36 @@ def test_math_task_and_quintiles(small_toy, tmp_path, monkeypatch):
     base = evaluation.evaluate(evaluation.EvalConfig(checkpoint=str(policy), out=str(tmp_path / "base.json"), **common))
     assert base["skipped_unparsable_gold"] == 1 and base["n"] == len(rows) - 1
     assert set(base["per_category"]) == {f"{t}|Level {k}" for t in ("Algebra", "Prealgebra") for k in range(1, 6)}
-    after = evaluation.evaluate(evaluation.EvalConfig(checkpoint=str(grpo.latest_checkpoint(tmp_path / "run")),
+    after = evaluation.evaluate(evaluation.EvalConfig(checkpoint=str(rundir.latest_checkpoint(tmp_path / "run")),
                                                       base_results=str(tmp_path / "base.json"), **common))
     assert set(after["quintiles"]) == set(evaluation.QUINTILES)
     assert sum(q["n"] for q in after["quintiles"].values()) == len(rows) - 1
+
+
+def test_grader_pool_is_created_once_per_run_and_grades_as_in_process(small_toy, tmp_path, monkeypatch):
+    """--grader-workers 2: one pool for the whole run (not one per step), every step's grades equal to grading in the
+    training process, and the pool shut down at the end."""
+    import rewards
+    pools, graded = [], []
+
+    def counting_pool(workers):
+        pools.append(rewards.grader_pool(workers))
+        return pools[-1]
+
+    def checked_batch(completions, solutions, *, pool=None):
+        got = rewards.math_rewards_batch(completions, solutions, pool=pool)
+        if pool is not None:  # (load_task's gold check runs in-process, before the pool exists)
+            assert pool is pools[0] and got == rewards.math_rewards_batch(completions, solutions)
+            graded.append(len(got))
+        return got
+
+    monkeypatch.setattr(train_math, "grader_pool", counting_pool)
+    monkeypatch.setattr(train_math, "math_rewards_batch", checked_batch)
+    _, _, args = math_task(small_toy, tmp_path, steps=3)
+    train_math.main(loading.parse_config(train_math.Config, args + ["--grader-workers", "2", "--eval-every", "0"]))
+    assert len(pools) == 1 and graded == [16] * 3
+    with pytest.raises(RuntimeError, match="shutdown"):
+        pools[0].submit(print)
 
 
 def test_quintile_and_category_accuracy_on_crafted_base_results():
@@ -212,8 +246,8 @@ def fake_wandb(calls: list):
 def test_tracker_gets_config_and_every_record_and_summary_adds_up(small_toy, tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb(calls))
-    train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--reg", "gr", "--report-to",
-                                                                  "wandb"), train_math.PRESETS))
+    train_math.main(loading.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--reg", "gr", "--report-to",
+                                                                     "wandb"), train_math.PRESETS))
     init, *logs, finish = calls
     assert init[0] == "init" and init[1]["config"]["reg"] == "gr" and init[1]["config"]["report_to"] == ("wandb",)
     assert finish == ("finish",)
@@ -245,7 +279,7 @@ def test_non_finite_stop_still_writes_the_summary(small_toy, tmp_path, monkeypat
     score = train_math.gsm8k_rewards
     monkeypatch.setattr(train_math, "gsm8k_rewards", lambda c, g: {k: float("nan") for k in score(c, g)})
     with pytest.raises(FloatingPointError, match="step 0"):
-        train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, tmp_path), train_math.PRESETS))
+        train_math.main(loading.parse_config(train_math.Config, toy_args(small_toy, tmp_path), train_math.PRESETS))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stopped"].startswith("step 0: non-finite loss") and summary["steps_done"] == 0
 
@@ -254,6 +288,6 @@ def test_missing_tracker_package_fails_fast(small_toy, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb([]))  # installed
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # not installed
     with pytest.raises(SystemExit, match="^error: --report-to tensorboard needs the tensorboard package"):
-        train_math.main(grpo.parse_config(train_math.Config, toy_args(small_toy, tmp_path, "--report-to", "wandb",
-                                                                      "--report-to", "tensorboard"), train_math.PRESETS))
+        args = toy_args(small_toy, tmp_path, "--report-to", "wandb", "--report-to", "tensorboard")
+        train_math.main(loading.parse_config(train_math.Config, args, train_math.PRESETS))
     assert not (tmp_path / "metrics.jsonl").exists()

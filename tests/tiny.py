@@ -5,6 +5,7 @@ import types
 import torch
 from transformers import (AttentionInterface, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
                           LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 VOCAB = 48
 
@@ -13,16 +14,13 @@ def exact_attention(module, query, key, value, attention_mask, scaling, dropout=
     """HF's eager attention without its float32 softmax, so float64 models are float64 throughout."""
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    scores = query @ key.transpose(2, 3) * scaling
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            attention_mask = torch.zeros_like(scores).masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        scores = scores + attention_mask
+    scores = query @ key.transpose(2, 3) * scaling + attention_mask  # causal and padding, from eager_mask
     weights = scores.softmax(-1)
     return (weights @ value).transpose(1, 2).contiguous(), weights
 
 
 AttentionInterface.register("exact", exact_attention)
+AttentionMaskInterface.register("exact", eager_mask)  # without a mask function of its own HF would pass no mask at all
 
 
 def exact_rms_norm(self, x):
