@@ -1,6 +1,6 @@
 """The paper's §3 setting as a runnable toy: a Gaussian policy over 2-D actions, a smooth true reward, and proxies.
 
-    python study.py --toy gaussian          # the sweep: every regime x 3 seeds on both proxies, table and plots
+    python study.py --toy gaussian --seeds 5    # every regime x 5 seeds on both proxies: table, plots, runs.json
 
 §3.2 argues for a Gaussian policy with fixed covariance, a_i ~ N(μ_φ(s), σ²I), an L-Lipschitz true reward R* and a
 proxy R̃ whose errors are sharp maxima: GR biases φ toward flat maxima (Prop. 3.3: a bounded action gradient G of R̃
@@ -264,7 +264,7 @@ def measure(cfg: ToyConfig, policy: nn.Module, mu0: torch.Tensor, proxy, s: torc
 @dataclass(frozen=True)
 class Regime:
     """One way of updating: lr as a multiple of the toy's, a KL penalty to π_φ1, or GR at γ; `importance` weights
-    GR's second pass by π_φ+εg1(a)/π_φ(a) (see `rl_step`)."""
+    GR's second pass by π_φ+εg1(a)/π_φ(a) (see `update_gradient`)."""
     lr_scale: float = 1.0
     beta: float = 0.0
     gamma: float = 0.0
@@ -281,13 +281,12 @@ def surrogate_loss(policy: nn.Module, s: torch.Tensor, a: torch.Tensor, advantag
                    ref_logp: torch.Tensor | None = None, beta: float = 0.0,
                    old_logp: torch.Tensor | None = None) -> torch.Tensor:
     """The Dr.GRPO loss of grpo.py on Gaussian actions, each a one-token completion: s (N, state_dim) repeated per
-    rollout, a (N, n), advantages (N,), normaliser N. With old_logp = log π_old(a) (N,) each advantage is weighted by
-    π_φ(a)/π_old(a), detached: the same value and gradient as −A·π_φ/π_old, so 1 and plain Dr.GRPO at φ = old."""
-    logp = gaussian_logp(a, policy(s), sigma)  # (N,)
-    if old_logp is not None:
-        advantages = advantages * torch.exp(logp.detach() - old_logp)
+    rollout, a (N, n), advantages (N,), normaliser N. With old_logp = log π_old(a) (N,) each action's term is weighted
+    by π_φ(a)/π_old(a), detached, as train_step's --gr-importance-weights does: 1 at φ = old, plain Dr.GRPO."""
+    logp = gaussian_logp(a, policy(s), sigma)[:, None]  # (N, 1)
+    weights = None if old_logp is None else torch.exp(logp.detach() - old_logp[:, None])
     ref = None if ref_logp is None else ref_logp[:, None]
-    return dr_grpo_loss(logp[:, None], advantages, torch.ones_like(logp)[:, None], len(a), ref, beta)
+    return dr_grpo_loss(logp, advantages, torch.ones_like(logp), len(a), ref, beta, weights=weights)
 
 
 def update_gradient(cfg: ToyConfig, regime: Regime, policy: nn.Module, s: torch.Tensor, a: torch.Tensor,
