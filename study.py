@@ -1,7 +1,8 @@
 """Reward hacking on the offline toys, and the mechanism the paper proposes: --reg none vs kl vs reset vs gr (§3-5).
 
-    python study.py              # both toys, 7 regimes x 3 seeds, mean ± sd (time: see the README)
+    python study.py              # both toys, 8 regimes x 3 seeds, mean ± sd (time: see the README)
     python study.py --quick      # the earlier one-seed sweep: KL β ∈ {0.05, 0.2}, reset, GR γ ∈ {1e-3, 1e-2, 1e-1}
+    python study.py --toy gaussian   # §3's own setting instead: a Gaussian policy on 2-D actions (gaussian_toy.py)
 
 Two imperfect proxies, as in the paper: the toy LLM judge of train_judge.py (true reward: rule-based correctness)
 and the toy reward model of train_tldr.py (true reward: the programmatic gold). The paper's claim is a mechanism: GR
@@ -14,13 +15,15 @@ the judge: 128 prompts sampled twice, the RM: 128).
 
 Protocol: every run is the real script in a subprocess with matched budgets (same steps, batch, lr): no reg, no reg
 at half the lr (anything that slows learning looks safer per step), KL at β = 0.2 (the better β of the one-seed sweep
-on both toys), reset (β 0.3, R = 20) and GR at γ ∈ {1e-3, 1e-2, 3e-2}, each on 3 seeds. Outputs under --out-dir:
+on both toys), reset (β 0.3, R = 20), GR at γ ∈ {1e-3, 1e-2, 3e-2}, and GR at γ 1e-2 whose second pass
+weights the reused actions by π_{φ+εg1}/π_φ (`--gr-importance-weights`, gr-is), each on 3 seeds. Outputs under --out-dir:
 each run's metrics.jsonl, table.md (mean ± sd over seeds of: final and best true reward, final proxy reward, KL to
 the initial policy, GR's correction ratio, final sharpness, final proxy BT accuracy), true_vs_kl.png (true reward vs
 KL to init, one curve per regime: the mean over seeds in bins of KL, their range as a band; Fig. 4 style) and
 diagnostics.png (sharpness, proxy accuracy and GR's correction ratio over steps, mean over seeds).
 """
 
+import json
 import os
 import statistics
 import subprocess
@@ -30,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gaussian_toy
 import loading
 from plots import moving_average
 from rundir import load_metrics
@@ -46,7 +50,8 @@ TASKS = {
 }
 REGIMES = {"none": ["--reg", "none"], "none-half-lr": ["--reg", "none", "--lr-scale", "0.5"],
            "kl-b0.2": ["--reg", "kl", "--beta", "0.2"], "reset-b0.3": ["--reg", "reset", "--beta", "0.3"],
-           **{f"gr-g{g:g}": ["--reg", "gr", "--gamma", str(g)] for g in (1e-3, 1e-2, 3e-2)}}
+           **{f"gr-g{g:g}": ["--reg", "gr", "--gamma", str(g)] for g in (1e-3, 1e-2, 3e-2)},
+           "gr-is-g0.01": ["--reg", "gr", "--gamma", "1e-2", "--gr-importance-weights"]}
 QUICK = {**{k: v for k, v in REGIMES.items() if not k.startswith("gr")}, "kl-b0.05": ["--reg", "kl", "--beta", "0.05"],
          **{f"gr-g{g:g}": ["--reg", "gr", "--gamma", str(g)] for g in (1e-3, 1e-2, 1e-1)}}
 COLUMNS = {"final_true": "final true", "best_true": "best true", "final_proxy": "final proxy", "kl_init": "KL to init",
@@ -57,10 +62,14 @@ COLUMNS = {"final_true": "final true", "best_true": "best true", "final_proxy": 
 @dataclass
 class StudyConfig:
     """Run --reg none|kl|reset|gr on the toy judge and toy RM tasks: reward hacking, sharpness, proxy error."""
+    toy: str = field(default="lm", metadata={"help": "lm: the language toys (--tasks); gaussian: the Gaussian-policy "
+                                                     "toy of §3 (gaussian_toy.py; uses --seeds, --steps, --parallel, "
+                                                     "--out-dir)", "choices": ["lm", "gaussian"]})
     tasks: str = field(default="judge,rm", metadata={"help": "comma-separated: judge, rm"})
     seeds: int = field(default=3, metadata={"help": "seeds per regime"})
     quick: bool = field(default=False, metadata={"help": "the one-seed sweep of KL β and GR γ instead"})
-    steps: int = field(default=0, metadata={"help": "RL steps of every run (0 = per task: judge 30, rm 100)"})
+    steps: int = field(default=0, metadata={"help": "RL steps of every run (0 = per task: judge 30, rm 100; the "
+                                                    "Gaussian toy 300)"})
     reset_every: int = field(default=20, metadata={"help": "R for --reg reset (scaled down from the paper's 200)"})
     parallel: int = field(default=2, metadata={"help": "runs at a time (one thread each)"})
     out_dir: str = field(default="runs/study", metadata={"help": "where runs, table and plots go"})
@@ -221,6 +230,8 @@ def plot(task: str, spec: dict, runs: dict[str, list[Path]], out: Path) -> list[
 
 
 def main(cfg: StudyConfig) -> str:
+    if cfg.toy == "gaussian":
+        return gaussian_study(cfg)
     tasks = [t for t in cfg.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -245,6 +256,65 @@ def main(cfg: StudyConfig) -> str:
     report.append(f"Wall time: {time.time() - t0:.0f} s.")
     text = "\n".join(report)
     (Path(cfg.out_dir) / "table.md").write_text(text)
+    print(text)
+    return text
+
+
+# ----------------------------------------------------------------------------- the Gaussian toy of §3
+
+GAUSSIAN_COLUMNS = {"true": "final true", "best_true": "best true", "proxy": "final proxy", "G": "G",
+                    "p_sharp": "P(S_K,δ)", "excess_bt": "excess BT loss", "kl_init": "KL to init",
+                    "correction_ratio": "GR correction / ‖g1‖", "distance": "‖μ − a*‖"}
+
+
+def gaussian_summary(history: list[dict]) -> dict:
+    """One run: §3's quantities at the last evaluation, the best true reward, GR's mean correction ratio."""
+    last = history[-1]
+    return {**{k: last[k] for k in ("true", "proxy", "G", "p_sharp", "excess_bt", "kl_init")},
+            "best_true": max(h["true"] for h in history), "distance": last["mean_distance"],
+            "correction_ratio": statistics.mean(h["correction_ratio"] for h in history[1:])}
+
+
+def gaussian_study(cfg: StudyConfig) -> str:
+    """Every regime of gaussian_toy.REGIMES on both proxies and --seeds seeds: table.md (mean ± sd at the last
+    evaluation), action_plane.png (the paths of μ_φ(0), seed 0), curves_<proxy>.png (§3's quantities over steps)
+    and runs.json (every run's measurements, by proxy, seed and regime)."""
+    if cfg.quick:
+        loading.fail("--quick is a sweep of the language toys; the Gaussian toy has one sweep")
+    toy = gaussian_toy.ToyConfig(**({"steps": cfg.steps} if cfg.steps else {}))
+    t0 = time.time()
+    results = gaussian_toy.sweep(toy, gaussian_toy.REGIMES, cfg.seeds, cfg.parallel)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gaussian_toy.plot_action_plane(results, out / "action_plane.png")
+    (out / "runs.json").write_text(json.dumps({kind: [{name: r["history"] for name, r in run["regimes"].items()}
+                                                      for run in runs] for kind, runs in results.items()}))
+    bound = gaussian_toy.bt_lower_bound(toy.K, toy.lipschitz, toy.delta, 1.0)
+    report = [f"# The Gaussian toy of §3 ({cfg.seeds} seeds, {toy.steps} steps)\n",
+              f"σ = {toy.sigma}, L = {toy.lipschitz:.2f}, δ = {toy.delta:.2f}, K = {toy.k_over_l_delta:g}Lδ = "
+              f"{toy.K:.2f}: eq. 10 bounds the excess BT loss below by {bound:.4f}·P(S_K,δ). Values at step {toy.steps} "
+              f"on {toy.eval_states} "
+              "held-out states; G and the distance to a* are averages over them.\n",
+              "![the action plane](action_plane.png)\n"]
+    for kind, runs in results.items():
+        gaussian_toy.plot_curves(kind, runs, out / f"curves_{kind}.png")
+        if kind == "rm":
+            fit = {k: statistics.mean(r["proxy"][k] for r in runs) for k in runs[0]["proxy"]}
+            about = (f"BT reward model, held-out pairs from the initial policy: BT loss {fit['rm_bt']:.3f}, accuracy "
+                     f"{fit['rm_accuracy']:.3f} (R* itself: {fit['true_bt']:.3f}, {fit['true_accuracy']:.3f}); "
+                     f"stopped after {fit['rm_steps']:.0f} steps on average")
+        else:
+            about = (f"R* + {toy.spikes} spikes of height {toy.spike_height:g} and width {toy.spike_width:g} at "
+                     f"radius {toy.spike_radii[0]:g}–{toy.spike_radii[1]:g} from the origin")
+        rows = {name: [gaussian_summary(r["regimes"][name]["history"]) for r in runs] for name in runs[0]["regimes"]}
+        report += [f"## proxy {kind}: {about}\n", "| regime | seeds | " + " | ".join(GAUSSIAN_COLUMNS.values()) + " |",
+                   "| --- " * (len(GAUSSIAN_COLUMNS) + 2) + "|"]
+        report += [f"| {name} | {len(rs)} | " + " | ".join(mean_sd([r[k] for r in rs]) for k in GAUSSIAN_COLUMNS)
+                   + " |" for name, rs in rows.items()]
+        report.append(f"\n![{kind} curves](curves_{kind}.png)\n")
+    report.append(f"Wall time: {time.time() - t0:.0f} s.")
+    text = "\n".join(report)
+    (out / "table.md").write_text(text)
     print(text)
     return text
 

@@ -7,9 +7,9 @@ Each table lives in README.md between `<!-- results:NAME -->` and `<!-- /results
 command that produced it, the commit and the machine. NAME: main (the main job, `train_math.py --preset toy`),
 summary (that run's summary.json; after main), judge (`train_judge.py --preset toy`: the toy judge hacked), tldr
 (the TL;DR toy chain and an RL run per --reg), performance (benchmarks/bench_step.py), precision
-(benchmarks/gr_precision.py), study (study.py, with its plots copied to docs/). Runs go to runs/readme/; with
---fresh (the default) the toy caches (.cache/toy, runs/toy_tldr) are rebuilt first, as on a fresh clone; with
---no-fresh an interrupted study resumes from its finished runs.
+(benchmarks/gr_precision.py), study (study.py, with its plots copied to docs/), gaussian (`study.py --toy gaussian`,
+likewise). Runs go to runs/readme/; with --fresh (the default) the toy caches (.cache/toy, runs/toy_tldr) are
+rebuilt first, as on a fresh clone; with --no-fresh an interrupted study resumes from its finished runs.
 """
 
 import json
@@ -30,7 +30,7 @@ from rundir import load_metrics  # noqa: E402
 
 README = ROOT / "README.md"
 OUT = ROOT / "runs" / "readme"
-TABLES = ("main", "summary", "judge", "tldr", "performance", "precision", "study")
+TABLES = ("main", "summary", "judge", "tldr", "performance", "precision", "study", "gaussian")
 TLDR_RUNS = {"none": [], "kl": ["--beta", "0.05"], "reset": ["--beta", "0.3"], "gr": ["--gamma", "1e-2"]}
 PRECISION_RUNS = (["--threads", "2", "--sizes", "tiny,1m,10m,100m"],  # fp64 reference at the same ε, exact H·g1
                   ["--threads", "2", "--sizes", "0.5b", "--reference", "float32", "--no-hvp",
@@ -55,7 +55,8 @@ def machine() -> str:
 def commit() -> str:
     sha = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!README.md",
-                            ":!docs/study_*.png"], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # not ours
+                            ":!docs/study_*.png", ":!docs/gaussian_*.png"],  # what regenerate itself rewrites
+                           cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return sha.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
 
 
@@ -187,6 +188,17 @@ def table_study() -> str:
     note = (f"\n*Resumed: {resumed} runs had finished in an earlier, interrupted invocation; the time above "
             f"excludes them.*\n")
     return header([" ".join(cmd)], seconds) + (note if resumed else "") + "\n" + text.split("\n", 1)[1] + "\n"
+
+
+def table_gaussian() -> str:
+    out = OUT / "gaussian"
+    cmd = ["python", "study.py", "--toy", "gaussian", "--seeds", "5", "--out-dir", str(out.relative_to(ROOT))]
+    seconds = run([sys.executable, *cmd[1:]], OUT / "gaussian.log")
+    text = (out / "table.md").read_text()
+    for png in out.glob("*.png"):  # the plots the README shows
+        shutil.copy(png, ROOT / "docs" / f"gaussian_{png.name}")
+    text = re.sub(r"!\[(.*?)\]\((\w+\.png)\)", r"![\1](docs/gaussian_\2)", text).replace("\n## ", "\n#### ")
+    return header([" ".join(cmd)], seconds) + "\n" + text.split("\n", 1)[1] + "\n"
 
 
 def rewrite(readme: Path, name: str, body: str) -> None:
