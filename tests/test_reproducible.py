@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # a small GSM8K toy (data, tokenizer, SFT policy) built in a fresh process, as `python train_math.py --preset toy` does
 BUILD = """import sys
 from pathlib import Path
-import toy
+import loading, toy
+loading.hf_progress_bars_on_terminal_only()  # as every entry point does first
 if sys.argv[2] == "pinned":
     toy.pin_kernels()
 toy.build_gsm8k_policy(Path(sys.argv[1]), sft_steps=20, n_train=200, hidden=64, layers=2)
