@@ -14,12 +14,12 @@ RSS counter is reset (/proc/self/clear_refs, Linux) and one pass runs; printed: 
     python benchmarks/bench_logprobs.py --variants after --chunk-mib 64 --layers 2
 """
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,7 +27,21 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
+import loading  # noqa: E402
 import logprobs  # noqa: E402
+
+
+@dataclass
+class Config:
+    """Peak RSS and time of token log-probs + entropy, forward and backward, (N, T, V) logits vs chunked."""
+    n: int = field(default=8, metadata={"help": "sequences in the micro-batch"})
+    prompt_len: int = field(default=64, metadata={"help": "prompt tokens per sequence"})
+    completion_len: int = field(default=768, metadata={"help": "completion tokens per sequence"})
+    vocab: int = field(default=151_936, metadata={"help": "vocabulary size (Qwen2.5's by default)"})
+    layers: int = field(default=1, metadata={"help": "transformer blocks of the random Qwen2"})
+    variants: str = field(default="before,after", metadata={"help": "comma-separated: before, after"})
+    chunk_mib: int = field(default=0, metadata={"help": "after: float32 logits per chunk in MiB (0: "
+                                                         "logprobs.CHUNK_BYTES)"})
 
 
 def token_logprobs_before(model, input_ids, attention_mask, n_completion: int, temperature: float,
@@ -69,7 +83,7 @@ def one_pass(model, fn, ids, mask, adv, completion_len: int) -> None:
     (-(adv[:, None] * logp).sum()).backward()
 
 
-def measure(args) -> dict:
+def measure(args: Config, variant: str) -> dict:
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=896, intermediate_size=4864, num_hidden_layers=args.layers,
                       num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
@@ -77,7 +91,7 @@ def measure(args) -> dict:
     model = Qwen2ForCausalLM(cfg).float()
     if args.chunk_mib:
         logprobs.CHUNK_BYTES = args.chunk_mib * 2**20
-    fn = VARIANTS[args.worker]
+    fn = VARIANTS[variant]
     one_pass(model, fn, *batch(2, 4, 8, args.vocab), 8)  # warm-up: lazy initialisation of kernels and libraries
     model.zero_grad(set_to_none=True)
     ids, mask, adv = batch(args.n, args.prompt_len, args.completion_len, args.vocab)
@@ -91,30 +105,22 @@ def measure(args) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--completion-len", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=151_936)
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--variants", default="before,after")
-    p.add_argument("--chunk-mib", type=int, help="after: float32 logits per chunk (default: logprobs.CHUNK_BYTES)")
-    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
-    args = p.parse_args()
-    if args.worker:
-        print(json.dumps(measure(args)))
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":  # internal: one variant in this process, JSON out
+        args = Config(**json.loads(sys.argv[2]))
+        print(json.dumps(measure(args, os.environ["BENCH_VARIANT"])))
         return
+    args = loading.parse_config(Config)
     variants = args.variants.split(",")
     if unknown := set(variants) - set(VARIANTS):
-        sys.exit(f"error: --variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
+        loading.fail(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
     print(f"{args.n} x ({args.prompt_len} + {args.completion_len}) tokens, V = {args.vocab:,}, d 896, "
           f"{args.layers} layers, tied head, float32, forward + backward with entropy, "
           f"{(args.chunk_mib or logprobs.CHUNK_BYTES >> 20)} MiB chunks; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
     results = {}
     for v in variants:  # a fresh process each: peak RSS is per process
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", v], check=True,
-                             capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(asdict(args))], check=True,
+                             capture_output=True, text=True, env={**os.environ, "BENCH_VARIANT": v})
         results[v] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{v:<7} peak RSS +{results[v]['peak_gib']:6.2f} GiB   {results[v]['seconds']:7.2f} s", flush=True)
     if len(results) == 2:
