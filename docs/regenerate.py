@@ -113,14 +113,14 @@ def table_judge() -> str:
     cmd = ["python", "train_judge.py", "--preset", "toy", "--out-dir", str(out.relative_to(ROOT))]
     seconds = run([sys.executable, *cmd[1:]], OUT / "judge.log")
     rows = load_metrics(out / "metrics.jsonl")
-    init, steps = rows[0], [r for r in rows if r["step"] >= 0]
+    init, steps = rows[0], [r for r in rows if r["step"] > 0]  # step N: after N updates; 0: the initial eval
     lines = ["| step | pass@1 greedy | pass@1 sampled (T 0.7) | judge reward (of 2) | true reward (rule: share correct) |",
              "| --- | --- | --- | --- | --- |"]
     for r in (r for r in rows if "eval/pass@1_greedy" in r):
-        window = steps[max(0, r["step"] - 9):r["step"] + 1]  # the 10 steps up to the eval
+        window = steps[max(0, r["step"] - 10):r["step"]]  # the 10 steps up to the eval
         train = " | ".join("—" if r is init else f"{sum(s[k] for s in window) / len(window):.2f}"
                            for k in ("rewards/judge_correctness", "rewards/true_reward"))
-        lines.append(f"| {'before RL' if r is init else r['step'] + 1} | {r['eval/pass@1_greedy']:.3f} | "
+        lines.append(f"| {'before RL' if r is init else r['step']} | {r['eval/pass@1_greedy']:.3f} | "
                      f"{r['eval/pass@1_sampled']:.3f} | {train} |")
     judge = json.loads((ROOT / ".cache" / "toy" / "gsm8k-judge" / "judge_eval.json").read_text())
     return header([" ".join(cmd)], seconds) + f"\nThe toy judge agrees with the rule-based correctness on " \
