@@ -59,8 +59,8 @@ def token_logprobs(model, input_ids, attention_mask, n_completion: int, temperat
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                     logits_to_keep=n_completion + 1).logits  # (N, T, 2)
         check(out)
-    logp, entropy = out.unbind(-1)
-    return logp, entropy.detach() if with_entropy else None
+    logp, entropy = out.unbind(-1)  # own storage each: a caller keeping logp does not keep (N, T, 2) alive
+    return logp.contiguous(), entropy.detach().contiguous() if with_entropy else None
 
 
 KL_ESTIMATORS = ("k3", "k3-ratio", "k1")

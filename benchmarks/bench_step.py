@@ -22,8 +22,8 @@ Peak memory of each update (one extra, untimed call each): on CUDA `torch.cuda.m
 on CPU the tensor-byte counter of c10's CPU allocator, read from `torch.profiler(profile_memory=True)`
 ("Total Allocated" of its `[memory]` events). Both count live tensor bytes relative to the start of the
 update (not allocator caches, not Python objects), so GR's extra = peak(gr) - peak(plain) compares directly
-with the budget, one fp32 copy of the gradients + one copy of the perturbed block parameters + 4 KiB for the
-few batch-sized tensors the first pass leaves alive (its loss, the g1 norm, per-sequence statistics). In one process
+with the budget, one fp32 copy of the gradients + one copy of the perturbed block parameters + what the first pass
+keeps for the second, O(batch) bytes (its fp32 log-probs, one per token, and a few scalars). In one process
 the CPU count is exact (it returns to 0 after each step). Under FSDP on gloo some frees run on gloo's
 threads, which the profiler does not see, so there the CPU number is only an upper bound (flagged).
 
@@ -319,11 +319,6 @@ def peak_bytes(fn, device) -> tuple[int, bool]:
     return max(totals, default=0), not totals or totals[-1] == 0
 
 
-# GR's first pass leaves a few batch-sized tensors alive through the second (its loss, the g1 norm, per-sequence
-# statistics): O(batch) bytes, not O(parameters). 4 KiB covers them with CUDA's 512-B rounding.
-STEP_SCALARS = 4096
-
-
 def held_bytes(nbytes: int, device) -> int:
     """Bytes the allocator holds for a tensor of `nbytes`: CUDA's caching allocator rounds every block up to 512 B
     (so a tiny model's budget is mostly rounding); the CPU counter counts exact bytes."""
@@ -397,10 +392,13 @@ def bench(cfg: Config, size: str, rank: int, world: int, device) -> dict:
            "bound": bound_tok_s(rollout, n_gen * world, prompt_ids.shape[1], n_new, cfg.bandwidth_gbs)
                     if cfg.bandwidth_gbs else 0.0,
            "mem": {u: b for u, (b, _) in mem.items()}, "mem_exact": all(exact for _, exact in mem.values()),
-           # GR's budget on this rank: one fp32 copy of the gradients + one copy of the perturbed block parameters
+           # GR's budget on this rank: one fp32 copy of the gradients + one copy of the perturbed block parameters,
+           # and O(batch) bytes: the first pass's fp32 log-probs (one per token, kept for the second pass) and a few
+           # scalars (its loss, the g1 norm; 4 KiB, CUDA rounds each to 512 B)
            "budget": {"grads_fp32": sum(held_bytes(local_shard(p.detach()).numel() * 4, device) for p in trainable),
                       "block_params": sum(held_bytes(local_shard(p.detach()).numel() * p.element_size(), device)
-                                          for p in block_parameters(model))}}
+                                          for p in block_parameters(model)),
+                      "batch": 4 * n_local * cfg.completion_len + 4096}}
     report(res)
     return res
 
@@ -424,9 +422,10 @@ def report(res: dict):
         log(f"memory-bandwidth bound: {res['bound']:.0f} tok/s")
     if mem:
         b, extra = res["budget"], mem["gr"] - mem["plain"]
-        budget = b["grads_fp32"] + b["block_params"] + STEP_SCALARS
+        budget = sum(b.values())
         log(f"GR extra memory (peak gr - peak plain) {extra:,} B vs budget {budget:,} B = fp32 grads "
-            f"{b['grads_fp32']:,} + block params {b['block_params']:,} + first-pass scalars {STEP_SCALARS:,}: "
+            f"{b['grads_fp32']:,} + block params {b['block_params']:,} + first-pass log-probs and scalars "
+            f"{b['batch']:,}: "
             f"{'within' if extra <= budget else 'OVER'} budget")
         if not res["mem_exact"]:
             log("  (CPU count is an upper bound here: frees made on other threads, e.g. gloo's under FSDP, are not "
@@ -443,8 +442,8 @@ def summary(results: list[dict]):
             log(f"{res['size']:>6} update {u:<13}{1e3 * r['wall']:9.1f} ms  {r['wall_ratio']:6.3f}x | "
                 f"{r['cpu_ratio']:6.3f}x plain{extra}")
         if mem:
-            log(f"{res['size']:>6} GR memory budget {b['grads_fp32'] + b['block_params'] + STEP_SCALARS:>39,} B "
-                "(fp32 grads + block params + 4 KiB)")
+            log(f"{res['size']:>6} GR memory budget {sum(b.values()):>39,} B (fp32 grads + block params + "
+                "first-pass log-probs and scalars)")
         for g, r in res["gens"].items():
             log(f"{res['size']:>6} generate {g:<11}{r['wall']:9.0f} tok/s {r['wall_ratio']:5.3f}x | {r['cpu_ratio']:6.3f}x "
                 f"{res['gen_ref']}  {1e3 * median(r['all_wall']) / res['n_new']:8.2f} ms/step")
