@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from distributed import (all_reduce_max, all_reduce_sum, autocast, gradient_sync, init_distributed, is_main,
-                         keep_freed_memory, rank_and_world, rank_device, reshard, seed_everything, shard, step_generator,
-                         step_seed)
+                         keep_freed_memory, rank_and_world, rank_device, reshard, seed_everything, shard,
+                         step_generator, step_seed)
 from generation import (decode_completions, generate, has_eos, position_ids, prepare_decode, refresh_rollout_model,
                         rollout_model, tokenize_prompts)
 from gr import clip_, gr_backward, local_shard

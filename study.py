@@ -15,8 +15,8 @@ the judge: 128 prompts sampled twice, the RM: 128).
 
 Protocol: every run is the real script in a subprocess with matched budgets (same steps, batch, lr): no reg, no reg
 at half the lr (anything that slows learning looks safer per step), KL at β = 0.2 (the better β of the one-seed sweep
-on both toys), reset (β 0.3, R = 20), GR at γ ∈ {1e-3, 1e-2, 3e-2}, and GR at γ 1e-2 whose second pass
-weights the reused actions by π_{φ+εg1}/π_φ (`--gr-importance-weights`, gr-is), each on 3 seeds. Outputs under --out-dir:
+on both toys), reset (β 0.3, R = 20), GR at γ ∈ {1e-3, 1e-2, 3e-2}, and GR at γ 1e-2 whose second pass weights
+the reused actions by π_{φ+εg1}/π_φ (`--gr-importance-weights`, gr-is), each on 3 seeds. Outputs under --out-dir:
 each run's metrics.jsonl, table.md (mean ± sd over seeds of: final and best true reward, final proxy reward, KL to
 the initial policy, GR's correction ratio, final sharpness, final proxy BT accuracy), true_vs_kl.png (true reward vs
 KL to init, one curve per regime: the mean over seeds in bins of KL, their range as a band; Fig. 4 style) and
