@@ -2,7 +2,7 @@
 
 Usage: torchrun --nproc_per_node=2 tests/replica_worker.py OUT_DIR. Writes OUT_DIR/rank{R}.json, for tiny Qwen2s (an
 untied head with a float32 replica, a tied head with a bfloat16 one, and, sharded with bf16 all-gathers, a bfloat16
-and a float32 replica): the collectives one `refresh_rollout_model` ran (gloo events seen by the profiler), the number
+and a float32 replica): the collectives one `refresh_rollout_model` ran (calls of torch.distributed's and DTensor's functional collectives), the number
 of FSDP units, whether every replica parameter equals the policy parameter's full tensor (gathered on its own, one
 `full_tensor()` each) in the replica's dtype, and whether the policy is sharded again.
 """
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed._functional_collectives as funcol
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
@@ -24,11 +25,30 @@ import grpo  # noqa: E402
 from tiny import rollout_batch, tiny_model  # noqa: E402
 
 
+CALLS = collections.Counter()  # collective name -> calls, at the entry points FSDP2 and DTensor call through
+
+
+def counted(name: str, collective):
+    def call(*args, **kwargs):
+        CALLS[name] += 1
+        return collective(*args, **kwargs)
+    return call
+
+
+# counted, not profiled: Kineto's threads in a gloo worker aborted it at exit now and then ("terminate called")
+for module in (torch.distributed, funcol):
+    for fn in ("all_gather", "all_gather_single", "all_gather_into_tensor", "all_gather_tensor", "all_reduce",
+               "reduce_scatter_single", "reduce_scatter_tensor", "broadcast", "barrier", "all_to_all_single"):
+        if hasattr(module, fn):
+            setattr(module, fn, counted(fn.split("_single")[0].split("_into")[0].split("_tensor")[0],
+                                        getattr(module, fn)))
+
+
 def collectives(fn) -> dict:
-    """{gloo event name: count} of the collectives `fn` runs (all-gathers, and any other)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return dict(collections.Counter(e.name for e in prof.events() if e.name.startswith("gloo:")))
+    """{collective: count} of the collectives `fn` runs (all-gathers, and any other)."""
+    before = CALLS.copy()
+    fn()
+    return dict(CALLS - before)
 
 
 def main(out: Path):

@@ -161,5 +161,5 @@ def test_replica_refresh_gathers_once_per_fsdp_unit(tmp_path):
                    "untied float32, bf16 gathers": 3 + 27}
         assert result.keys() == gathers.keys()
         for case, r in result.items():
-            assert r["units"] == 3 and r["collectives"] == {"gloo:all_gather": gathers[case]}, (rank, case, r)
+            assert r["units"] == 3 and r["collectives"] == {"all_gather": gathers[case]}, (rank, case, r)
             assert r["exact"] and r["resharded"], (rank, case, r)
