@@ -79,20 +79,26 @@ def header(commands: list[str], seconds: float) -> str:
 
 # ----------------------------------------------------------------------------- the tables
 
+def pass_at_1_table(rows: list[dict], train: dict[str, str]) -> list[str]:
+    """Markdown rows: each eval's pass@1 (greedy, sampled) and, per `train` column {header: metric}, that metric's
+    mean over the 10 training steps up to the eval. Step N: after N updates; the first record is the initial eval."""
+    init, steps = rows[0], [r for r in rows if r["step"] > 0]
+    lines = ["| step | pass@1 greedy | pass@1 sampled (T 0.7) | " + " | ".join(train) + " |",
+             "| --- " * (3 + len(train)) + "|"]
+    for r in (r for r in rows if "eval/pass@1_greedy" in r):
+        window = steps[max(0, r["step"] - 10):r["step"]]
+        means = ("—" if r is init else f"{sum(s[k] for s in window) / len(window):.2f}" for k in train.values())
+        lines.append(f"| {'before RL' if r is init else r['step']} | {r['eval/pass@1_greedy']:.3f} | "
+                     f"{r['eval/pass@1_sampled']:.3f} | " + " | ".join(means) + " |")
+    return lines
+
+
 def table_main() -> str:
     out = OUT / "main"
     shutil.rmtree(out, ignore_errors=True)
     cmd = ["python", "train_math.py", "--preset", "toy", "--out-dir", str(out.relative_to(ROOT))]
     seconds = run([sys.executable, *cmd[1:]], OUT / "main.log")
-    rows = load_metrics(out / "metrics.jsonl")
-    init, steps = rows[0], [r for r in rows if r["step"] > 0]
-    evals = [r for r in rows if "eval/pass@1_greedy" in r]
-    lines = ["| step | pass@1 greedy | pass@1 sampled (T 0.7) | train reward (of 5) |", "| --- | --- | --- | --- |"]
-    for r in evals:
-        window = [s["reward"] for s in steps[max(0, r["step"] - 10):r["step"]]]  # the 10 steps up to the eval
-        reward = f"{sum(window) / len(window):.2f}" if r is not init else "—"
-        lines.append(f"| {'before RL' if r is init else r['step']} | {r['eval/pass@1_greedy']:.3f} | "
-                     f"{r['eval/pass@1_sampled']:.3f} | {reward} |")
+    lines = pass_at_1_table(load_metrics(out / "metrics.jsonl"), {"train reward (of 5)": "reward"})
     built = " (toy built in this run)" if "toy gsm8k policy built" in (OUT / "main.log").read_text() else ""
     return header([" ".join(cmd)], seconds) + f"\nWhole command{built}: {seconds / 60:.1f} min. Train reward: mean " \
         "of the 10 steps up to the eval.\n\n" + "\n".join(lines) + "\n"
@@ -112,16 +118,9 @@ def table_judge() -> str:
     shutil.rmtree(out, ignore_errors=True)
     cmd = ["python", "train_judge.py", "--preset", "toy", "--out-dir", str(out.relative_to(ROOT))]
     seconds = run([sys.executable, *cmd[1:]], OUT / "judge.log")
-    rows = load_metrics(out / "metrics.jsonl")
-    init, steps = rows[0], [r for r in rows if r["step"] > 0]  # step N: after N updates; 0: the initial eval
-    lines = ["| step | pass@1 greedy | pass@1 sampled (T 0.7) | judge reward (of 2) | true reward (rule: share correct) |",
-             "| --- | --- | --- | --- | --- |"]
-    for r in (r for r in rows if "eval/pass@1_greedy" in r):
-        window = steps[max(0, r["step"] - 10):r["step"]]  # the 10 steps up to the eval
-        train = " | ".join("—" if r is init else f"{sum(s[k] for s in window) / len(window):.2f}"
-                           for k in ("rewards/judge_correctness", "rewards/true_reward"))
-        lines.append(f"| {'before RL' if r is init else r['step']} | {r['eval/pass@1_greedy']:.3f} | "
-                     f"{r['eval/pass@1_sampled']:.3f} | {train} |")
+    lines = pass_at_1_table(load_metrics(out / "metrics.jsonl"),
+                            {"judge reward (of 2)": "rewards/judge_correctness",
+                             "true reward (rule: share correct)": "rewards/true_reward"})
     judge = json.loads((ROOT / ".cache" / "toy" / "gsm8k-judge" / "judge_eval.json").read_text())
     return header([" ".join(cmd)], seconds) + f"\nThe toy judge agrees with the rule-based correctness on " \
         f"{judge['agreement']:.0%} of 200 held-out completions of the SFT policy. Train columns: mean of the 10 " \
